@@ -12,9 +12,9 @@ import jax.numpy as jnp
 def nash_md_loss(pi_y, ref_y, p, tau):
     """Per-example surrogate whose gradient w.r.t. pi_y = log pi(y) is -(p - 1/2 - tau (pi_y - ref_y)).
 
-    Calandriello et al. 2024, Sec. 2.6. The advantage is held fixed: the
-    gradient of the KL term tau E_pi[log pi/pi_ref] has an extra
-    tau E_pi[grad log pi], which is zero on-policy, and the paper's update omits it.
+    Calandriello et al. 2024, Sec. 2.6. The advantage is held fixed (a
+    score-function surrogate): differentiating the KL term as well would add
+    tau grad log pi(y), whose mean is zero on-policy; the paper's update omits it.
     """
     advantage = jax.lax.stop_gradient(p - 0.5 - tau * (pi_y - ref_y))
     return -advantage * pi_y

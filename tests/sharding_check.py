@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import _wip_plumbing as C  # noqa: E402
+import common as C  # noqa: E402
 
 
 class MLP(nnx.Module):
@@ -56,7 +56,7 @@ CASES = {"mlp": (lambda rngs: MLP(rngs), mlp_loss, mlp_batch)}
 
 
 def _named(tree, prefix):
-    names, leaves, _ = C._leaves(tree)
+    names, leaves, _ = C._named_leaves(tree)
     return {f"{prefix}/{n}": x for n, x in zip(names, leaves)}
 
 
@@ -98,8 +98,8 @@ def _spec(x):
 
 def run_in_subprocess(case: str, out_dir: str, devices: int = 8, fsdp: int = 4):
     """Run `case` sharded on `devices` CPU devices in a fresh interpreter."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, out_dir, str(fsdp)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -114,10 +114,13 @@ if __name__ == "__main__":
     mesh = C.make_mesh(fsdp)
     results, specs = run(case, mesh)
     specs["mesh"] = dict(mesh.shape)
-    try:  # the error a user sees when the batch does not fit the devices
-        C.shard_batch({"x": np.zeros((12, 3))}, mesh)
-    except SystemExit as e:
-        specs["batch_error"] = str(e)
+    specs["default_mesh"] = dict(C.make_mesh().shape)
+    for key, bad in [("batch_error", lambda: C.shard_batch({"x": np.zeros((12, 3))}, mesh)),
+                     ("fsdp_error", lambda: C.make_mesh(3))]:  # errors a user sees on 8 devices
+        try:
+            bad()
+        except SystemExit as e:
+            specs[key] = str(e)
     np.savez(os.path.join(out_dir, "results.npz"), **results)
     with open(os.path.join(out_dir, "specs.json"), "w") as f:
         json.dump(specs, f, indent=1)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-import _wip_data as C
+import common as C
 
 X = "the cat sat on the dog and the cat saw a fox"  # topics in order: cat dog fox
 

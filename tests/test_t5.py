@@ -256,3 +256,20 @@ def test_not_a_folder(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(SystemExit, match="not a folder"):
         C.load_t5(str(tmp_path / "file.txt"))
+
+
+def test_top_k_and_top_p_restrict_and_renormalise(tiny_t5_dir):
+    model, _ = C.load_t5(tiny_t5_dir)
+    ids = np.tile(np.array([[5, 6, 7]], np.int32), (256, 1))
+    mask = np.ones_like(ids)
+    full = np.asarray(jax.nn.log_softmax(forward(model, ids[:1], mask[:1], np.zeros((1, 1), np.int32))[0, 0]))
+    order = np.argsort(-full)
+    y, _, lp = C.sample(model, ids, mask, jax.random.key(0), max_new_tokens=1, top_k=3)
+    top3 = order[:3]
+    assert set(np.asarray(y[:, 0]).tolist()) <= set(top3.tolist())
+    renorm = full[top3] - np.log(np.exp(full[top3]).sum())
+    np.testing.assert_allclose(np.asarray(lp[:, 0]), [renorm[list(top3).index(t)] for t in np.asarray(y[:, 0])], atol=1e-5)
+    p_sorted = np.exp(full[order])
+    n_nucleus = int(np.searchsorted(np.cumsum(p_sorted), 0.5) + 1)  # smallest set with mass >= 0.5
+    y, _, _ = C.sample(model, ids, mask, jax.random.key(1), max_new_tokens=1, top_p=0.5)
+    assert set(np.asarray(y[:, 0]).tolist()) <= set(order[:n_nucleus].tolist())

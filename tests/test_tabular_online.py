@@ -51,7 +51,8 @@ def nash_md_objective(theta, logref, P, tau, beta):
 def paper_quantities(theta, logref, P, beta):
     """float64 pi, pi' = pi^(1-beta) pi_ref^beta, scores S[y] = grad_theta log pi(y) = e_y - pi,
     a(y) = log pi(y)/pi_ref(y), and p(y > pi')."""
-    logp = np.asarray(jax.nn.log_softmax(theta), np.float64)
+    t = np.asarray(theta, np.float64)
+    logp = t - t.max() - np.log(np.exp(t - t.max()).sum())
     pi, ref = np.exp(logp), np.exp(np.asarray(logref, np.float64))
     mix = pi ** (1 - beta) * ref**beta
     mix /= mix.sum()
