@@ -52,7 +52,33 @@ def mlp_batch():
             "y": rng.normal(size=(16, 5)).astype(np.float32)}
 
 
-CASES = {"mlp": (lambda rngs: MLP(rngs), mlp_loss, mlp_batch)}
+def tiny_t5(rngs):
+    """A tiny Flan-style T5 (gated-gelu, untied) with shapes divisible by fsdp=4."""
+    from transformers import T5Config
+
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    return C.T5(C.replace(C.T5Spec.from_config(cfg), tied=False), rngs=rngs)
+
+
+def t5_loss(model, batch):
+    """A DPO-shaped step: sequence log-probs of chosen and rejected, a logistic loss."""
+    x, xm = batch["x"], batch["xm"]
+    lw = C.sequence_logps(model, x, xm, batch["yw"], batch["ym"])
+    ll = C.sequence_logps(model, x, xm, batch["yl"], batch["ym"])
+    return -jax.nn.log_sigmoid(0.1 * (lw - ll)).mean(), model(x, xm, C.shift_right(batch["yw"], 0))
+
+
+def t5_batch():
+    rng = np.random.default_rng(0)
+    x = rng.integers(3, 64, (8, 12)).astype(np.int32)
+    xm = (np.arange(12)[None] < rng.integers(4, 13, (8, 1))).astype(np.int32)  # padded prompts
+    ym = (np.arange(6)[None] < rng.integers(2, 7, (8, 1))).astype(np.int32)
+    return {"x": x * xm, "xm": xm, "yw": rng.integers(3, 64, (8, 6)).astype(np.int32) * ym,
+            "yl": rng.integers(3, 64, (8, 6)).astype(np.int32) * ym, "ym": ym}
+
+
+CASES = {"mlp": (lambda rngs: MLP(rngs), mlp_loss, mlp_batch), "t5": (tiny_t5, t5_loss, t5_batch)}
 
 
 def _named(tree, prefix):

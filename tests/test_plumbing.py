@@ -50,6 +50,18 @@ def test_sharded_equals_unsharded(tmp_path):
     assert "--batch-size" in specs["batch_error"]
 
 
+def test_t5_sharded_equals_unsharded(tmp_path):
+    """The issue's check: a T5 train step on 8 devices == on 1 (logits, loss, grads, params)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        ref, _ = sharding_check.run("t5", mesh=None)
+    got, specs = sharding_check.run_in_subprocess("t5", str(tmp_path), devices=8, fsdp=4)
+    assert ref.keys() == got.keys() and len(ref) > 40
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert specs["params/shared/value"] == [None, "fsdp"] or specs["params/shared/value"] == ["fsdp", None]
+    assert "fsdp" in specs["params/encoder/0/wi/value"]
+
+
 def test_make_mesh_and_bad_fsdp():
     n = jax.device_count()
     mesh = C.make_mesh()
