@@ -146,15 +146,17 @@ class Attention(nnx.Module):
         self.bias = _init(rngs, (s.num_buckets, s.num_heads), s.d_model**-0.5, dtype) if relative_bias else None
         self.heads = s.num_heads
 
-    def project(self, x, w):  # [B, T, D] -> [B, T, H, dk]
+    def project(self, x, w):  # [B, T, D] -> [B, H, T, dk]
+        # Heads-first, so both attention products are plain batched matmuls over (B, H):
+        # with [B, T, H, dk], XLA on CPU transposed the cached keys/values at every decoding step.
         y = x @ w[...]
-        return y.reshape(*y.shape[:-1], self.heads, -1)
+        return y.reshape(*y.shape[:-1], self.heads, -1).swapaxes(-3, -2)
 
     def __call__(self, q, k, v, bias):
-        """q: [B, Tq, H, dk]; k, v: [B, Tk, H, dk]; bias: additive [B|1, H|1, Tq, Tk] in fp32."""
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) + bias
+        """q: [B, H, Tq, dk]; k, v: [B, H, Tk, dk]; bias: additive [B|1, H|1, Tq, Tk] in fp32."""
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=F32) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).swapaxes(1, 2)  # [B, Tq, H, dk]
         return out.reshape(*out.shape[:2], -1) @ self.o[...]
 
 
@@ -186,8 +188,8 @@ class Block(nnx.Module):
         h = rms_norm(x, self.self_norm[...], self.eps)
         q, k, v = a.project(h, a.q), a.project(h, a.k), a.project(h, a.v)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), t, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), t, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), t, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), t, axis=2)
             cache = (k, v)
         return x + a(q, k, v, bias), cache
 
@@ -271,13 +273,13 @@ class T5(nnx.Module):
         """Encode once; precompute cross K/V; allocate the self-attention cache."""
         enc = self.encode(input_ids, attention_mask)
         b, s = input_ids.shape[0], self.spec
-        zeros = jnp.zeros((b, max_len, s.num_heads, s.d_kv), enc.dtype)
+        zeros = jnp.zeros((b, s.num_heads, max_len, s.d_kv), enc.dtype)  # heads-first, as project()
         return dict(cross=self.cross_kv(enc), cache=[(zeros, zeros) for _ in self.decoder],
                     cross_bias=jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF))
 
     def decode_step(self, token, t, state):
         """Logits [B, V] for position t given the previous token [B]; returns the updated state."""
-        max_len = state["cache"][0][0].shape[1]
+        max_len = state["cache"][0][0].shape[2]
         k_pos = jnp.arange(max_len)
         bias = self.position_bias(self.decoder[0], t[None], k_pos, False)
         bias = bias + jnp.where(k_pos <= t, 0.0, NEG_INF)  # causal, and hides unwritten slots
