@@ -5,10 +5,91 @@ p L(y, y') + (1 - p) L(y', y). With the IPO loss L its expected gradient is a
 positive multiple of the self-play direction of the regularised preference
 game, Eq. (9) (Proposition 4.2), so it converges to that game's Nash
 equilibrium, Eq. (12) (Proposition 4.1). Online DPO and online SLiC (Sec. 6)
-swap in their pairwise losses.
+swap in their pairwise losses (--loss dpo | slic).
+
+Default run (toy task, pi_ref = assets/toy-t5, the toy oracle as the judge;
+about a minute on a 2-core CPU; see docs/online_ipo.md):
+
+    python online_ipo.py
+
+Paper (Sec. 6 and Table 4; T5-L on XSum prompts, a T5-XL preference model):
+tau = 1.0, Adafactor (decay rate 0.8) at lr 1e-4 with no warm-up, batch 32,
+best checkpoint at 28k of 30k steps. Toy defaults below: tau = 0.1, Adafactor
+at lr 3e-3, batch 32, 200 steps (a 200k-parameter model on a task where
+pi_ref is far from the optimum: a smaller tau lets the policy move further
+from pi_ref, and the larger relative step gets there in minutes).
 """
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import nnx
+
+import common as C
+
+
+@dataclass
+class Args:
+    seed: int = 0
+    """seeds the samples, the prompt order and the evaluation samples"""
+    model: str = C.TOY_MODEL
+    """pi_ref, and the initial pi_theta: a Hugging Face hub id or a local T5 folder"""
+    dataset: str = "toy"
+    """prompts: "toy" (the embedded task's train split), or a .jsonl file, a folder with
+    train*.jsonl, or a hub name, with records {"prompt"} (or xsum's {"document"})"""
+    judge: str = "toy"
+    """the preference model p(y > y' | x): "toy" is the embedded task's exact oracle
+    (trained preference-model judges come with preference_model.py)"""
+    output_dir: str = "runs/online_ipo"
+    """run folder: config.json, metrics.jsonl, TensorBoard events, checkpoint.npz, model/"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    steps: int = 200
+    """number of optimiser updates (K in Algorithm 2)"""
+    batch_size: int = 32
+    """prompts per update, two completions each (B in Algorithm 2; global, split over all devices)"""
+    learning_rate: float = 3e-3
+    """peak learning rate (for Adafactor a step size relative to each parameter's scale)"""
+    optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    """Adafactor with decay rate 0.8 as in the paper, or AdamW"""
+    warmup_steps: int = 0
+    """linear warm-up from 0, then constant (the paper uses none)"""
+    num_prompts: int | None = None
+    """training prompts: toy draws this many (None: 2000); else the first n records (None: all)"""
+    eval_prompts: int = 256
+    """prompts per evaluation: toy's validation split; else the last prompts of the data,
+    which are then held out of training"""
+    max_prompt_len: int = 20
+    """prompt tokens, including EOS; longer prompts are truncated (counts are printed)"""
+    max_completion_len: int = 12
+    """completion tokens, including EOS: the sampling length, in training and evaluation"""
+    temperature: float = 1.0
+    """sampling temperature of the training completions (the analysis assumes 1: samples from pi)"""
+    log_every: int = 25
+    """log training metrics (averaged since the last log) every this many steps"""
+    eval_every: int = 50
+    """evaluate against pi_ref every this many steps (and at the end)"""
+    save_every: int = 50
+    """write the resumable checkpoint every this many steps (and at the end)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """parameter dtype of pi_theta and pi_ref (norms, softmax and log-probs are always float32)"""
+    fsdp: int = 0
+    """devices per parameter shard (0: all devices of one host); see common.make_mesh"""
+
+    # Algorithm
+    tau: float = 0.1
+    """tau, the KL-regularisation strength of the game, Eq. (9): the fixed point is
+    pi(y) ~ pi_ref(y) exp(p(y > pi) / tau), Eq. (12). Calandriello et al. 2024 use 1.0 (Table 4)"""
+    loss: Literal["ipo", "dpo", "slic"] = "ipo"
+    """the pairwise loss L of Algorithm 2: ipo (online IPO), dpo or slic (the paper's online baselines)"""
+
 
 # The pairwise losses L(y, y') of Calandriello et al. 2024, Sec. 6 (y preferred).
 # They repeat dpo.py / ipo.py / slic.py so this script stands alone.
@@ -35,3 +116,155 @@ def online_loss(pi_y, pi_y2, ref_y, ref_y2, p, tau, loss="ipo"):
     p = jax.lax.stop_gradient(p)
     h = (pi_y - ref_y) - (pi_y2 - ref_y2)
     return p * L(h, tau) + (1.0 - p) * L(-h, tau)
+
+
+def pair_logps(model, batch):
+    """log model(y | x) and log model(y' | x): one forward pass over the 2B sequences."""
+    both = lambda a, b: jnp.concatenate([batch[a], batch[b]])
+    logps = C.sequence_logps(model, both("prompt_ids", "prompt_ids"), both("prompt_mask", "prompt_mask"),
+                             both("y_ids", "y2_ids"), both("y_mask", "y2_mask"))
+    n = batch["prompt_ids"].shape[0]
+    return logps[:n], logps[n:]
+
+
+@partial(nnx.jit, static_argnames="loss")
+def train_step(policy, ref, optimizer, batch, tau, loss):
+    # pi_ref is frozen: its log-probs are computed here, outside the differentiated function.
+    ref_y, ref_y2 = pair_logps(ref, batch)
+    p = batch["p"]
+
+    def loss_fn(policy):
+        pi_y, pi_y2 = pair_logps(policy, batch)
+        return online_loss(pi_y, pi_y2, ref_y, ref_y2, p, tau, loss).mean(), (pi_y, pi_y2)
+
+    (value, (pi_y, pi_y2)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(policy)
+    optimizer.update(policy, grads)
+    # The offline metrics, averaged over the two labellings of the pair with the loss's
+    # weights: "chosen" is y with probability p, y' with 1 - p. Implicit reward
+    # r = tau log(pi/pi_ref): at the fixed point, Eq. (12), it is p(y > pi) + const.
+    r, r2 = tau * (pi_y - ref_y), tau * (pi_y2 - ref_y2)
+    weigh = lambda a, b: p * a + (1.0 - p) * b
+    return {f"loss/{loss}": value, "loss/grad_norm": optax.tree.norm(grads),
+            "rewards/chosen": weigh(r, r2).mean(), "rewards/rejected": weigh(r2, r).mean(),
+            "rewards/margin": ((2.0 * p - 1.0) * (r - r2)).mean(),
+            "rewards/accuracy": (weigh(r > r2, r2 > r) + 0.5 * (r == r2)).mean(),  # a tie scores 1/2
+            "logps/chosen": weigh(pi_y, pi_y2).mean(), "logps/rejected": weigh(pi_y2, pi_y).mean()}
+
+
+def make_judge(name):
+    """The preference model: a host function (prompts, ys, ys2) -> p(y > y' | x), float32 [B]."""
+    if name == "toy":
+        return C.toy_judge()
+    C.fail(f"--judge {name}: trained preference-model judges are not available yet; use --judge toy")
+
+
+def load_prompts(args):
+    """Training and evaluation prompts (lists of str)."""
+    if args.dataset == "toy":
+        n = 2000 if args.num_prompts is None else args.num_prompts
+        return C.toy_split("train", n, args.seed), C.toy_split("validation", args.eval_prompts, args.seed)
+    prompts = [r["prompt"] for r in C.load_data(args.dataset, "prompts", "train", args.num_prompts)]
+    if len(prompts) <= args.eval_prompts:
+        C.fail(f"{args.dataset}: {len(prompts)} prompts leave none for training after holding out "
+               f"--eval-prompts {args.eval_prompts}; lower --eval-prompts or add prompts")
+    if args.judge == "toy":
+        print("note: --judge toy scores any text by the toy task's rule; on other prompts it means little")
+    return prompts[:-args.eval_prompts], prompts[-args.eval_prompts:]  # the tail is never trained on
+
+
+def main(args: Args):
+    if not args.tau > 0:
+        C.fail(f"--tau {args.tau} must be > 0 (the KL-regularisation strength; the paper uses 1.0)")
+    if args.eval_prompts < 1:
+        C.fail(f"--eval-prompts {args.eval_prompts} must be >= 1")
+    judge = make_judge(args.judge)
+    key, eval_key = jax.random.split(jax.random.key(args.seed))
+    mesh = C.make_mesh(args.fsdp)
+    print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices")
+    policy, tokenizer = C.load_t5(args.model, jnp.dtype(args.dtype))
+    ref = nnx.clone(policy)  # pi_ref: a frozen copy; it never meets the optimiser
+    C.shard_model(policy, mesh)
+    C.shard_model(ref, mesh)
+
+    prompts, eval_prompts = load_prompts(args)
+    prompt_ids, prompt_mask, cut = C.tokenize(tokenizer, prompts, args.max_prompt_len)
+    eval_ids, eval_mask, _ = C.tokenize(tokenizer, eval_prompts, args.max_prompt_len)
+    print(f"train: {len(prompts)} prompts ({cut} truncated to --max-prompt-len {args.max_prompt_len}); "
+          f"eval: {len(eval_prompts)} prompts")
+    # A fixed key: every evaluation scores the same draws. Batches of 2B = 64 prompts at the
+    # defaults: the shape of the training sampler, compiled once for both.
+    evaluate = lambda: C.evaluate(policy, ref, tokenizer, eval_prompts, eval_ids, eval_mask, judge,
+                                  eval_key, args.max_completion_len, batch_size=2 * args.batch_size)
+
+    tx = C.make_optimizer(args.optimizer, args.learning_rate, args.warmup_steps)
+    optimizer = C.shard_model(nnx.Optimizer(policy, tx, wrt=nnx.Param), mesh)
+    state = lambda: {"model": nnx.state(policy), "optimizer": nnx.state(optimizer), "key": key}
+    # Resume: policy, optimiser and sampling key come back; the prompt order is a function of the step.
+    start, restored = 0, C.restore_checkpoint(args.output_dir, state())
+    if restored is not None:
+        saved, start, _ = restored
+        nnx.update(policy, saved["model"])
+        nnx.update(optimizer, saved["optimizer"])
+        key = saved["key"]
+        print(f"resumed from step {start} ({os.path.join(args.output_dir, C.CHECKPOINT)})")
+    if start > args.steps:
+        C.fail(f"{args.output_dir} holds a checkpoint at step {start}, past --steps {args.steps}; "
+               "raise --steps or use another --output-dir")
+
+    logger = C.Logger(args.output_dir, args, args.track)
+    tau, B = jnp.float32(args.tau), args.batch_size
+    sums, host, count, t_log = None, {}, 0, time.perf_counter()
+    for step in C.progress(range(start, args.steps), "online_ipo", initial=start, total=args.steps):
+        idx = C.batch_indices(len(prompts), B, step, args.seed)
+        x, xm = prompt_ids[idx], prompt_mask[idx]
+        key, sample_key = jax.random.split(key)
+        # Algorithm 2: two independent completions per prompt from pi_theta, drawn in one
+        # sampler call over [x; x]. Sampling is not differentiated (SG[pi] in Eq. 11).
+        t0 = time.perf_counter()
+        both = C.shard_batch({"ids": np.concatenate([x, x]), "mask": np.concatenate([xm, xm])}, mesh)
+        ids, mask, _ = C.sample(policy, both["ids"], both["mask"], sample_key, args.max_completion_len,
+                                args.temperature)
+        ids, mask = np.asarray(ids), np.asarray(mask)  # the one inherent sync: the judge reads text
+        t1 = time.perf_counter()
+        texts = C.decode(tokenizer, ids, mask)
+        p = C.check_preferences(judge([prompts[i] for i in idx], texts[:B], texts[B:]),
+                                f"--judge {args.judge} at step {step + 1}").reshape(-1)
+        if p.shape != (B,):
+            C.fail(f"--judge {args.judge} returned {p.size} preferences for {B} pairs at step {step + 1}")
+        t2 = time.perf_counter()
+        batch = C.shard_batch({"prompt_ids": x, "prompt_mask": xm, "y_ids": ids[:B], "y_mask": mask[:B],
+                               "y2_ids": ids[B:], "y2_mask": mask[B:], "p": p}, mesh)
+        metrics = train_step(policy, ref, optimizer, batch, tau, args.loss)
+        # The next sampling call needs the updated policy anyway, so waiting here costs
+        # nothing and keeps the time split honest.
+        jax.block_until_ready(metrics)
+        t3 = time.perf_counter()
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)  # on device
+        for k, v in {"rewards/preference": p.mean(), "samples/length": mask.sum(-1).mean(),
+                     "samples/eos_rate": (ids == policy.spec.eos_id).any(-1).mean(),
+                     "samples/same_pair": (ids[:B] == ids[B:]).all(-1).mean(),
+                     "perf/sample_s": t1 - t0, "perf/judge_s": t2 - t1, "perf/update_s": t3 - t2}.items():
+            host[k] = host.get(k, 0.0) + float(v)
+        count, done = count + 1, step + 1
+        save = done % args.save_every == 0 or done == args.steps
+        evaluate_now = done % args.eval_every == 0 and done < args.steps  # the final one comes below
+        if done % args.log_every == 0 or save or evaluate_now:  # a NaN is caught before any save
+            rate = {"perf/prompts_per_s": count * B / (time.perf_counter() - t_log)}
+            values = logger.log({**{k: v / count for k, v in {**sums, **host}.items()}, **rate}, done)
+            C.check_finite(values, done, args.output_dir)
+            if evaluate_now:
+                logger.log(evaluate(), done)
+            if save:
+                C.save_checkpoint(args.output_dir, state(), done)
+            sums, host, count, t_log = None, {}, 0, time.perf_counter()  # the rate leaves out eval and saving
+
+    final = logger.log(evaluate(), args.steps)
+    logger.close()
+    C.save_t5(policy, tokenizer, os.path.join(args.output_dir, "model"))
+    print(f"final (step {args.steps}): " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    print(f"saved {os.path.join(args.output_dir, 'model')}")
+    return final
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

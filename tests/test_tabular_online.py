@@ -120,7 +120,7 @@ def test_nash_md_pg_expected_gradient_is_prop_5_1(beta):
 def test_ipo_md_expected_gradient(beta):
     """Prop. 5.1 says g_IPO-MD(beta) = -(2/tau) E_{y ~ pi'}[g(y)]. Its proof drops
     -2 E_pi'[a] E_pi'[grad log pi] using E_pi'[grad log pi] = 0, which holds only at
-    beta = 0. The exact gradient is a covariance under pi' (docs/ipo_md_note.md):
+    beta = 0. The exact gradient is a covariance under pi' (docs/ipo_md.md, "A note for readers of the paper"):
         -(2/tau) Cov_{y ~ pi'}(grad log pi(y), p(y > pi') - tau a(y)).
     Algorithm 3 scores both orders of each pair, so its loss is twice the one
     differentiated in the proof: the gradient is twice these expressions."""
