@@ -97,7 +97,8 @@ class T5Spec:
         start = cfg.decoder_start_token_id
         return T5Spec(
             vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
-            num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers or cfg.num_layers,
+            num_layers=cfg.num_layers,  # 0 decoder layers: an encoder alone (dro_v.py's value network)
+            num_decoder_layers=cfg.num_layers if cfg.num_decoder_layers is None else cfg.num_decoder_layers,
             num_heads=cfg.num_heads, num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance, eps=cfg.layer_norm_epsilon,
             act=act, gated=parts[0] == "gated", tied=tie,  # load_t5 unties if lm_head.weight exists
@@ -437,9 +438,22 @@ def save_t5(model: T5, tokenizer, path: str) -> None:
         json.dump(config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(os.path.join(tmp, "tokenizer_config.json"))
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def _portable_tokenizer_class(config_file: str) -> None:
+    """transformers 5 names a plain tokenizer.json tokenizer "TokenizersBackend", a class
+    transformers 4.x lacks; "PreTrainedTokenizerFast" means the same to both."""
+    if not os.path.exists(config_file):
+        return
+    config = json.load(open(config_file))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(config_file, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 # ---------------------------------------------------------------------------
@@ -547,9 +561,12 @@ def sample(policy: T5, prompt_ids, prompt_mask, key, max_new_tokens: int, temper
 # Bradley-Terry over a reward function, a trained T5 preference model).
 
 
-def check_preferences(p, where: str) -> np.ndarray:
-    """Return p as float32, or stop if any value is NaN or outside [0, 1]."""
+def check_preferences(p, where: str, n: int | None = None) -> np.ndarray:
+    """Return p as float32, or stop if any value is NaN or outside [0, 1] (or, given n, p is not n values)."""
     p = np.asarray(p, dtype=np.float32)
+    if n is not None and p.shape != (n,):
+        fail(f"{where}: the judge returned preferences of shape {p.shape} for {n} pairs; "
+             f"it must return one p(y > y'|x) per pair")
     bad = np.flatnonzero(~((p >= 0) & (p <= 1)))  # NaN fails both comparisons
     if bad.size:
         i = int(bad[0])
@@ -728,7 +745,10 @@ def toy_pairwise_data(prompts, sample_fn, seed: int, judge=None) -> list[dict]:
 def normalise_rewards(records: list[dict]) -> list[dict]:
     """Rewards to mean 0 / variance 1 over the dataset (Richemond et al. 2024, Sec. 4)."""
     r = np.array([d["reward"] for d in records], np.float64)
-    std = r.std() if r.size and r.std() > 0 else 1.0  # constant rewards: centre only
+    if r.size == 0:
+        return []
+    # Constant rewards: centre only. ptp, not std: the std of 300 copies of 0.1 is ~1e-17, not 0.
+    std = r.std() if np.ptp(r) > 0 else 1.0
     return [{**d, "reward": float(v)} for d, v in zip(records, (r - r.mean()) / std)]
 
 

@@ -83,6 +83,8 @@ class Args:
     value head are always float32)"""
     fsdp: int = 0
     """devices per parameter shard (0: all devices of one host); see common.make_mesh"""
+    distributed: bool = False
+    """multi-host (TPU pod, multi-node GPU): join the job with jax.distributed.initialize() first"""
 
     # Algorithm
     tau: float = 0.5
@@ -152,14 +154,9 @@ def save_value(value: ValueNet, tokenizer, path: str) -> None:
 def load_value(path: str, dtype=jnp.float32) -> ValueNet:
     """Inverse of save_value."""
     from safetensors.numpy import load_file
-    from transformers import T5Config
 
-    # common.load_t5 reads num_decoder_layers=0 as "as many as the encoder", so the encoder is read here.
-    spec = replace(C.T5Spec.from_config(T5Config.from_pretrained(path)), num_decoder_layers=0, tied=True)
-    value = ValueNet(nnx.eval_shape(lambda: C.T5(spec, rngs=nnx.Rngs(0))), rngs=nnx.Rngs(0))
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    for name, param, transpose in C._hf_names(value.encoder):
-        param.set_value(jnp.asarray(tensors[name].T if transpose else tensors[name], dtype))
+    encoder, _ = C.load_t5(path, dtype)  # config.json says num_decoder_layers = 0: the encoder alone
+    value = ValueNet(encoder, rngs=nnx.Rngs(0))
     head = load_file(os.path.join(path, "value_head.safetensors"))
     value.head.kernel.set_value(jnp.asarray(head["weight"][:, None]))
     value.head.bias.set_value(jnp.asarray(head["bias"][None]))
@@ -242,6 +239,7 @@ def load_triplets(args, ref, tokenizer, key):
 
 
 def main(args: Args):
+    C.init_distributed(args.distributed)  # before any other JAX call
     if not args.tau > 0:
         C.fail(f"--tau {args.tau} must be > 0 (the KL-regularisation strength; the paper uses 1.0)")
     if args.eval_prompts < 1:

@@ -81,6 +81,8 @@ class Args:
     """parameter dtype of pi_theta and pi_ref (norms, softmax and log-probs are always float32)"""
     fsdp: int = 0
     """devices per parameter shard (0: all devices of one host); see common.make_mesh"""
+    distributed: bool = False
+    """multi-host (TPU pod, multi-node GPU): join the job with jax.distributed.initialize() first"""
 
     # Algorithm (Tang et al. 2024 symbols: beta, not tau, is the regularisation)
     loss: str = "logistic"
@@ -166,6 +168,7 @@ def load_pairs(args, ref, tokenizer, key):
 
 
 def main(args: Args):
+    C.init_distributed(args.distributed)  # before any other JAX call
     if not args.beta > 0:
         C.fail(f"--beta {args.beta} must be > 0 (the regularisation strength; the paper's best is 0.1 to 1)")
     if args.loss not in CONVEX_FUNCTIONS:

@@ -86,6 +86,8 @@ class Args:
     """parameter dtype (norms, softmax and log-probs are always float32)"""
     fsdp: int = 0
     """devices per parameter shard (0: all devices of one host); see common.make_mesh"""
+    distributed: bool = False
+    """multi-host (TPU pod, multi-node GPU): join the job with jax.distributed.initialize() first"""
 
 
 def nll(model, batch):
@@ -132,6 +134,7 @@ def evaluate(model, tokenizer, held, prompts, key, args, toy):
 
 
 def main(args: Args):
+    C.init_distributed(args.distributed)  # before any other JAX call
     for flag in ("steps", "batch_size", "eval_prompts", "log_every", "eval_every", "save_every"):
         if getattr(args, flag) < 1:
             C.fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

@@ -73,6 +73,8 @@ class Args:
     """parameter dtype of pi_theta and pi_ref (norms, softmax and log-probs are always float32)"""
     fsdp: int = 0
     """devices per parameter shard (0: all devices of one host); see common.make_mesh"""
+    distributed: bool = False
+    """multi-host (TPU pod, multi-node GPU): join the job with jax.distributed.initialize() first"""
 
     # Algorithm
     tau: float = 0.5
@@ -139,6 +141,7 @@ def load_pairs(args, ref, tokenizer, key):
 
 
 def main(args: Args):
+    C.init_distributed(args.distributed)  # before any other JAX call
     if not args.tau > 0:
         C.fail(f"--tau {args.tau} must be > 0 (the KL-regularisation strength; the paper uses 10.0)")
     data_key, eval_key = jax.random.split(jax.random.key(args.seed))

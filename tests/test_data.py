@@ -98,6 +98,10 @@ def test_single_rewards_are_normalised():
     assert abs(r.mean()) < 1e-6 and abs(r.var() - 1) < 1e-6
     raw = C.toy_rewards(xs, [demos[x] for x in xs])
     assert np.corrcoef(r, raw)[0, 1] > 0.999  # a monotone rescaling of the oracle
+    # Constant rewards are centred, not blown up by a rounding-error std (0.1 is inexact in binary).
+    const = C.normalise_rewards([{"reward": 0.1}] * 300)
+    assert np.abs([d["reward"] for d in const]).max() < 1e-12
+    assert C.normalise_rewards([]) == []
 
 
 # ---- judges ----
@@ -128,6 +132,8 @@ def test_check_preferences_rejects_bad_values():
         C.check_preferences([0.5, float("nan")], "my judge")
     with pytest.raises(SystemExit, match=r"1\.5"):
         C.check_preferences([1.5], "judge")
+    with pytest.raises(SystemExit, match=r"judge: .*shape \(\) for 3 pairs"):
+        C.check_preferences(0.5, "judge", 3)  # a scalar would broadcast over the batch unnoticed
 
 
 # ---- loaders ----

@@ -234,7 +234,7 @@ def test_bad_judge_values_stop(name, value, match, toy_t5, tmp_path, monkeypatch
         run(name, toy_t5, tmp_path)
     assert C.checkpoint_step(str(tmp_path)) is None  # nothing was trained on it
     monkeypatch.setattr(SCRIPTS[name], "make_judge", lambda _: lambda x, y, y2: np.full(2, 0.5, np.float32))
-    with pytest.raises(SystemExit, match=rf"returned 2 preferences for {B} pairs at step 1"):
+    with pytest.raises(SystemExit, match=rf"--judge toy at step 1: the judge returned preferences of shape \(2,\) for {B} pairs"):
         run(name, toy_t5, tmp_path)
 
 
