@@ -11,8 +11,8 @@ its own: a T5 encoder, initialised from pi_ref's, with a scalar head, giving
 one value per prompt.
 
 Default run (toy task, pi_ref = assets/toy-t5, one pi_ref sample per prompt
-scored by the oracle, rewards normalised to mean 0 / variance 1; about a minute
-on a 2-core CPU; see docs/dro_v.md):
+scored by the oracle, rewards normalised to mean 0 / variance 1; about 15 s
+on a quiet 2-core CPU; see docs/dro_v.md):
 
     python dro_v.py
 

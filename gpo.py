@@ -14,7 +14,7 @@ gradient step on the mean loss (Algorithm 1 of Calandriello et al. 2024);
 pi_ref stays frozen.
 
 Default run (toy task, pi_ref = assets/toy-t5, pairs sampled from pi_ref and
-labelled by the oracle; about a minute on a 2-core CPU; see docs/gpo.md):
+labelled by the oracle; about 15-20 s on a quiet 2-core CPU; see docs/gpo.md):
 
     python gpo.py                      # --loss logistic, i.e. DPO with tau = beta
     python gpo.py --loss savage        # any row of Table 1

@@ -6,7 +6,7 @@ Its fixed points are those of Nash-MD-PG(beta), Eq. (13). The loss is the
 online IPO loss; only the sampling differs.
 
 Default run (toy task, pi_ref = assets/toy-t5, the toy oracle as the judge;
-about a minute on a 2-core CPU; see docs/ipo_md.md):
+about 15-20 s on a quiet 2-core CPU; see docs/ipo_md.md):
 
     python ipo_md.py
 

@@ -7,7 +7,7 @@ Non-contrastive and on-policy: only y carries a gradient. Its fixed points are
 those of IPO-MD(beta), Eq. (13) (Sec. 5.2).
 
 Default run (toy task, pi_ref = assets/toy-t5, the toy oracle as the judge;
-about a minute on a 2-core CPU; see docs/nash_md.md):
+about 15-20 s on a quiet 2-core CPU; see docs/nash_md.md):
 
     python nash_md.py
 

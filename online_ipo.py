@@ -8,7 +8,7 @@ equilibrium, Eq. (12) (Proposition 4.1). Online DPO and online SLiC (Sec. 6)
 swap in their pairwise losses (--loss dpo | slic).
 
 Default run (toy task, pi_ref = assets/toy-t5, the toy oracle as the judge;
-about a minute on a 2-core CPU; see docs/online_ipo.md):
+about 15-20 s on a quiet 2-core CPU; see docs/online_ipo.md):
 
     python online_ipo.py
 

@@ -5,8 +5,8 @@ over completion tokens (the SFT stage of Stiennon et al. 2020, which the
 papers' pi_ref comes from: Calandriello et al. 2024, Sec. 6).
 
 By default it trains a fresh tiny T5 (TOY_T5 below, 200k parameters) on the
-embedded toy task's noisy demonstrations; on a 2-core CPU this takes a minute
-or two, and the result is assets/toy-t5, the default pi_ref of every script:
+embedded toy task's noisy demonstrations; on a quiet 2-core CPU this takes about
+20 s, and the result is assets/toy-t5, the default pi_ref of every script:
 
     python sft.py                  # -> runs/sft/model, identical to assets/toy-t5
 

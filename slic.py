@@ -9,7 +9,7 @@ follows Algorithm 1 of Calandriello et al. 2024: sample a batch of pairs, take
 a gradient step on the mean loss; pi_ref stays frozen.
 
 Default run (toy task, pi_ref = assets/toy-t5, pairs sampled from pi_ref and
-labelled by the oracle; about a minute on a 2-core CPU; see docs/slic.md):
+labelled by the oracle; about 15-20 s on a quiet 2-core CPU; see docs/slic.md):
 
     python slic.py
 
