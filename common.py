@@ -495,6 +495,18 @@ def _filter_logits(logits, top_k: int, top_p):
     return jnp.where(logits < cutoff, NEG_INF, logits)
 
 
+def _categorical(key, logp):
+    """One draw per row from softmax(logp), by inverting the CDF with one uniform per row.
+
+    jax.random.categorical (Gumbel-max) needs a uniform and two logs per vocabulary entry:
+    at T5's 32k vocabulary that was 4.2 ms of a 16 ms t5-small decoding step on 2 CPU
+    cores; this takes 1.2 ms. A token of probability 0 is never drawn: its CDF step is empty.
+    """
+    cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
+    u = jax.random.uniform(key, cdf.shape[:-1] + (1,)) * cdf[..., -1:]  # scaled by the total, ~1
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logp.shape[-1] - 1)
+
+
 @partial(nnx.jit, static_argnames=("max_new_tokens", "top_k", "top_p", "greedy"))
 def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max_new_tokens, top_k, top_p, greedy):
     b = prompt_ids.shape[0]
@@ -505,11 +517,12 @@ def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max
     def body(carry):
         t, token, done, states, key, ids, logps = carry
         outs = [m.decode_step(token, t, st) for m, st in zip(models, states)]
-        logits = jax.nn.log_softmax(outs[0][0], axis=-1)
+        logits = outs[0][0]
         if ref is not None:
             # Calandriello et al. 2024, Sec. 6: one-step-at-a-time mixture
             # log pi_hat_beta = (1 - beta) log pi_theta + beta log pi_ref + C
-            logits = (1.0 - beta) * logits + beta * jax.nn.log_softmax(outs[1][0], axis=-1)
+            logits = ((1.0 - beta) * jax.nn.log_softmax(logits, axis=-1)
+                      + beta * jax.nn.log_softmax(outs[1][0], axis=-1))
         key, sub = jax.random.split(key)
         if greedy:
             logp = jax.nn.log_softmax(logits, axis=-1)
@@ -519,7 +532,7 @@ def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max
             if top_k or top_p < 1.0:
                 logits = _filter_logits(logits, top_k, top_p)
             logp = jax.nn.log_softmax(logits, axis=-1)
-            token = jax.random.categorical(sub, logp, axis=-1)
+            token = _categorical(sub, logp)
         token = jnp.where(done, pad, token).astype(jnp.int32)
         lp = jnp.where(done, 0.0, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0])
         ids, logps = ids.at[:, t].set(token), logps.at[:, t].set(lp)

@@ -169,6 +169,18 @@ def test_mixture_first_step_is_the_analytic_mixture(tmp_path):
         np.testing.assert_allclose(np.asarray(l0[:, 0]), np.asarray(target)[np.asarray(y0[:, 0])], atol=1e-5)
 
 
+def test_categorical_draws_follow_the_softmax_and_skip_zero_probabilities():
+    """The sampler's inverse-CDF draw (one uniform per row) against exact probabilities."""
+    logits = np.array([2.0, C.NEG_INF, 0.5, -1.0, C.NEG_INF, 1.0, 0.0, C.NEG_INF], np.float32)
+    n = 40000
+    logp = jax.nn.log_softmax(jnp.tile(jnp.asarray(logits), (n, 1)), axis=-1)
+    draws = np.asarray(C._categorical(jax.random.key(3), logp))
+    freq = np.bincount(draws, minlength=8) / n
+    p = np.exp(np.asarray(logp[0]))
+    assert freq[[1, 4, 7]].sum() == 0  # probability 0: never, also at the vocabulary's last entry
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-4)
+
+
 def test_bfloat16_parameters(pair):
     ref, model, _, folder = pair
     m16, _ = C.load_t5(folder, dtype=jnp.bfloat16)
