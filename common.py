@@ -5,7 +5,7 @@ Contents (sections appear in this order):
   2. Checkpoints  load_t5 / save_t5 (Hugging Face folders and hub ids)
   3. Log-probs    teacher-forced per-token and per-sequence log-probs
   4. Sampling     one jitted, KV-cached sampler; geometric mixture of two models
-  5. Preferences  judges (prompts, y, y') -> p(y > y' | x)
+  5. Preferences  judges (prompts, y, y') -> p(y > y' | x): toy oracle, trained T5 judges
   6. Data         the embedded toy task; JSONL and hub datasets
   7. Sharding     ('data', 'fsdp') mesh over all devices
   8. Training     optimiser, logging, evaluation, resumable checkpoints
@@ -614,6 +614,119 @@ TOY_JUDGE_TEMPERATURE = 0.1
 def toy_judge(temperature: float = TOY_JUDGE_TEMPERATURE):
     """The embedded task's exact oracle: Bradley-Terry over toy_reward."""
     return bradley_terry_judge(toy_rewards, temperature)
+
+
+# A trained judge (preference_model.py): a T5 initialised from the policy. Its encoder
+# reads x, its decoder reads y teacher-forced, as the policy does; per response the
+# features are the decoder's final states mean-pooled over y and log p_phi(y|x) under
+# its own LM head. "reward": a linear head on them gives r(x, y) (Bradley-Terry).
+# "pairwise": an MLP on the features of both responses gives the logit of p(y > y'|x).
+JUDGE_KINDS = ("pairwise", "reward")
+
+
+class JudgeNet(nnx.Module):
+    """Call: net(x_ids, x_mask, y_ids, y_mask[, y2_ids, y2_mask]) -> r(x, y) or logit p(y > y'|x), [B].
+    The last layer starts at zero: p = 1/2 for every pair before training."""
+
+    def __init__(self, t5: T5, kind: str, hidden: int = 64, *, rngs: nnx.Rngs):
+        self.t5, self.kind = t5, kind
+        f, zeros = t5.spec.d_model + 1, nnx.initializers.zeros
+        self.hidden = nnx.Linear(2 * f, hidden, rngs=rngs) if kind == "pairwise" else None
+        self.out = nnx.Linear(hidden if kind == "pairwise" else f, 1, kernel_init=zeros, bias_init=zeros, rngs=rngs)
+
+    def features(self, kv, xm, y, ym):
+        t5 = self.t5
+        h = t5.decode(shift_right(y, t5.spec.start_id), kv, xm)
+        logp = jax.nn.log_softmax(t5.logits(h), -1)
+        logp = jnp.take_along_axis(logp, y[..., None], -1)[..., 0] * ym  # log p_phi(y_t | x, y_<t)
+        m = ym[..., None].astype(F32)
+        pooled = (rms_norm(h, t5.decoder_norm[...], t5.spec.eps).astype(F32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+        return jnp.concatenate([pooled, logp.sum(-1, keepdims=True)], -1)
+
+    def __call__(self, x, xm, y, ym, y2=None, y2m=None):
+        kv = self.t5.cross_kv(self.t5.encode(x, xm))  # the prompt is encoded once for both responses
+        u = self.features(kv, xm, y, ym)
+        if self.kind == "pairwise":
+            u = jax.nn.gelu(self.hidden(jnp.concatenate([u, self.features(kv, xm, y2, y2m)], -1)))
+        return self.out(u)[:, 0]
+
+
+@nnx.jit
+def _judge_scores(net: JudgeNet, *arrays):
+    return net(*arrays)
+
+
+def judge_from_net(net: JudgeNet, tokenizer, max_prompt_len: int, max_completion_len: int,
+                   batch_size: int = 64, symmetrise: bool = True):
+    """Host judge(prompts, ys, ys2) -> p(y > y'|x) float32 [B] (fixed-size batches: compiled once).
+    pairwise: sigmoid(logit); with symmetrise the mean of both orders, (p(y > y') + 1 - p(y' > y)) / 2,
+    so that p(y > y') + p(y' > y) = 1 exactly, as the papers assume. reward: sigmoid(r(x, y) - r(x, y'))."""
+
+    def scores(prompts, *texts):
+        lens = (max_prompt_len,) + (max_completion_len,) * len(texts)
+        arrays = [a for t, n in zip((prompts,) + texts, lens) for a in tokenize(tokenizer, list(t), n)[:2]]
+        out = [np.asarray(_judge_scores(net, *[_pad_rows(a[i:i + batch_size], batch_size) for a in arrays]))
+               for i in range(0, len(prompts), batch_size)]
+        return np.concatenate(out)[:len(prompts)].astype(np.float64) if out else np.zeros(0)
+
+    sigmoid = lambda z: 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
+
+    def judge(prompts, ys, ys2):
+        if not len(prompts) == len(ys) == len(ys2):
+            fail(f"judge: got {len(prompts)} prompts, {len(ys)} y and {len(ys2)} y'; they must match")
+        if net.kind == "reward":
+            return check_preferences(sigmoid(scores(prompts, ys) - scores(prompts, ys2)), "judge")
+        p = sigmoid(scores(prompts, ys, ys2))
+        if symmetrise:
+            p = 0.5 * (p + 1.0 - sigmoid(scores(prompts, ys2, ys)))
+        return check_preferences(p, "judge")
+
+    return judge
+
+
+def save_judge(net: JudgeNet, tokenizer, path: str, max_prompt_len: int, max_completion_len: int) -> None:
+    """path/: the T5 as a Hugging Face folder, judge_head.safetensors (the head's layers) and
+    judge.json {"kind", "max_prompt_len", "max_completion_len"}."""
+    from safetensors.numpy import save_file
+
+    save_t5(net.t5, tokenizer, path)
+    head = {f"{n}.{w}": np.asarray(getattr(layer, w)[...]) for n in ("hidden", "out")
+            if (layer := getattr(net, n)) is not None for w in ("kernel", "bias")}
+    save_file(head, os.path.join(path, "judge_head.safetensors"))
+    with open(os.path.join(path, "judge.json"), "w") as f:
+        json.dump({"kind": net.kind, "max_prompt_len": max_prompt_len,
+                   "max_completion_len": max_completion_len}, f, indent=2)
+
+
+def load_judge(path: str, tokenizer=None, batch_size: int = 64):
+    """The judge saved by preference_model.py (its run folder or its model/ folder). Given the
+    policies' tokenizer, stops if the judge's vocabulary differs."""
+    from safetensors.numpy import load_file
+
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "judge.json")) \
+            and os.path.exists(os.path.join(path, "model", "judge.json")):
+        path = os.path.join(path, "model")  # a preference_model.py run folder
+    meta_file = os.path.join(path, "judge.json")
+    if not os.path.isfile(meta_file):
+        fail(f"--judge {path}: not a preference model (no judge.json); pass the output folder of "
+             f"preference_model.py, or --judge toy")
+    meta = json.load(open(meta_file))
+    if meta.get("kind") not in JUDGE_KINDS:
+        fail(f"{meta_file}: kind is {meta.get('kind')!r}, expected one of {list(JUDGE_KINDS)}")
+    t5, tok = load_t5(path)
+    if tokenizer is not None and tok.get_vocab() != tokenizer.get_vocab():
+        fail(f"--judge {path}: its tokenizer ({len(tok)} tokens) differs from the policy's ({len(tokenizer)} "
+             f"tokens); train the preference model from a checkpoint with the policy's tokenizer")
+    net = JudgeNet(t5, meta["kind"], rngs=nnx.Rngs(0))
+    if not os.path.isfile(os.path.join(path, "judge_head.safetensors")):
+        fail(f"{path}: judge_head.safetensors is missing; re-save the judge with preference_model.py")
+    head = load_file(os.path.join(path, "judge_head.safetensors"))
+    for name, param in [(f"{n}.{w}", getattr(getattr(net, n), w)) for n in ("hidden", "out")
+                        if getattr(net, n) is not None for w in ("kernel", "bias")]:
+        if name not in head or head[name].shape != param.shape:
+            fail(f"{path}/judge_head.safetensors: '{name}' is missing or not of shape {param.shape}")
+        param.set_value(jnp.asarray(head[name]))
+    return judge_from_net(net, tok, meta["max_prompt_len"], meta["max_completion_len"], batch_size)
 
 
 # ---------------------------------------------------------------------------

@@ -45,8 +45,8 @@ class Args:
     """prompts: "toy" (the embedded task's train split), or a .jsonl file, a folder with
     train*.jsonl, or a hub name, with records {"prompt"} (or xsum's {"document"})"""
     judge: str = "toy"
-    """the preference model p(y > y' | x): "toy" is the embedded task's exact oracle
-    (trained preference-model judges come with preference_model.py)"""
+    """the preference model p(y > y' | x): "toy" is the embedded task's exact oracle, or
+    the output folder of preference_model.py (a pairwise preference model or a reward model)"""
     output_dir: str = "runs/online_ipo"
     """run folder: config.json, metrics.jsonl, TensorBoard events, checkpoint.npz, model/"""
     track: bool = False
@@ -153,11 +153,9 @@ def train_step(policy, ref, optimizer, batch, tau, loss):
             "logps/chosen": weigh(pi_y, pi_y2).mean(), "logps/rejected": weigh(pi_y2, pi_y).mean()}
 
 
-def make_judge(name):
+def make_judge(name, tokenizer):
     """The preference model: a host function (prompts, ys, ys2) -> p(y > y' | x), float32 [B]."""
-    if name == "toy":
-        return C.toy_judge()
-    C.fail(f"--judge {name}: trained preference-model judges are not available yet; use --judge toy")
+    return C.toy_judge() if name == "toy" else C.load_judge(name, tokenizer)
 
 
 def load_prompts(args):
@@ -180,11 +178,11 @@ def main(args: Args):
         C.fail(f"--tau {args.tau} must be > 0 (the KL-regularisation strength; the paper uses 1.0)")
     if args.eval_prompts < 1:
         C.fail(f"--eval-prompts {args.eval_prompts} must be >= 1")
-    judge = make_judge(args.judge)
     key, eval_key = jax.random.split(jax.random.key(args.seed))
     mesh = C.make_mesh(args.fsdp)
     print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices")
     policy, tokenizer = C.load_t5(args.model, jnp.dtype(args.dtype))
+    judge = make_judge(args.judge, tokenizer)  # a trained judge must share the policy's tokenizer
     ref = nnx.clone(policy)  # pi_ref: a frozen copy; it never meets the optimiser
     C.shard_model(policy, mesh)
     C.shard_model(ref, mesh)

@@ -193,7 +193,7 @@ BAD_ARGS = [
     ("nash_md", dict(tau=0.0), r"--tau 0.0 must be > 0"),
     ("ipo_md", dict(beta=-0.1), r"--beta -0.1 must be in \[0, 1\]"),
     ("nash_md", dict(beta=1.5), r"--beta 1.5 must be in \[0, 1\]"),
-    ("online_ipo", dict(judge="runs/pm"), r"--judge runs/pm: trained preference-model judges are not available"),
+    ("online_ipo", dict(judge="runs/pm"), r"--judge runs/pm: not a preference model \(no judge.json\)"),
     ("nash_md", dict(eval_prompts=0), r"--eval-prompts 0 must be >= 1"),
 ]
 
@@ -228,12 +228,12 @@ def test_bad_judge_values_stop(name, value, match, toy_t5, tmp_path, monkeypatch
         return p
     B = BATCH[name]
 
-    monkeypatch.setattr(SCRIPTS[name], "make_judge", lambda _: judge)
+    monkeypatch.setattr(SCRIPTS[name], "make_judge", lambda *_: judge)
     with pytest.raises(SystemExit, match=r"--judge toy at step 1: preference p\(y > y'\|x\) must be in \[0, 1\], "
                                          + match):
         run(name, toy_t5, tmp_path)
     assert C.checkpoint_step(str(tmp_path)) is None  # nothing was trained on it
-    monkeypatch.setattr(SCRIPTS[name], "make_judge", lambda _: lambda x, y, y2: np.full(2, 0.5, np.float32))
+    monkeypatch.setattr(SCRIPTS[name], "make_judge", lambda *_: lambda x, y, y2: np.full(2, 0.5, np.float32))
     with pytest.raises(SystemExit, match=rf"--judge toy at step 1: the judge returned preferences of shape \(2,\) for {B} pairs"):
         run(name, toy_t5, tmp_path)
 
