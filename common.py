@@ -507,11 +507,15 @@ def _categorical(key, logp):
     return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logp.shape[-1] - 1)
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "top_k", "top_p", "greedy"))
-def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max_new_tokens, top_k, top_p, greedy):
-    b = prompt_ids.shape[0]
+@partial(nnx.jit, static_argnames=("max_new_tokens", "top_k", "top_p", "greedy", "num_samples"))
+def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max_new_tokens, top_k, top_p, greedy,
+            num_samples):
+    b = prompt_ids.shape[0] * num_samples
     models = [policy] if ref is None else [policy, ref]
     states = [m.start_decoding(prompt_ids, prompt_mask, max_new_tokens) for m in models]
+    # num_samples draws per prompt share one encoding: the decoding state is tiled, so the rows
+    # are those of prompts tiled num_samples times, at the encoder cost of one.
+    states = [jax.tree.map(lambda a: jnp.concatenate([a] * num_samples), st) for st in states]
     eos, pad = policy.spec.eos_id, policy.spec.pad_id
 
     def body(carry):
@@ -551,8 +555,12 @@ def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max
 
 
 def sample(policy: T5, prompt_ids, prompt_mask, key, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, ref: T5 | None = None, beta: float = 0.0):
+           top_k: int = 0, top_p: float = 1.0, ref: T5 | None = None, beta: float = 0.0, num_samples: int = 1):
     """Sample completions: returns (ids [B, T], mask [B, T], per-token log-probs [B, T]).
+
+    With num_samples = n, n independent completions per prompt, as [n * B, T] arrays whose
+    rows are those of the prompts tiled n times (row i + k * B is prompt i's (k+1)-th draw):
+    the same draws as sampling from the tiled prompts, with the prompts encoded once.
 
     The log-probs are under the distribution actually sampled from (after temperature,
     top-k/top-p and mixing). Stops when every row has produced EOS; pads after EOS.
@@ -563,7 +571,7 @@ def sample(policy: T5, prompt_ids, prompt_mask, key, max_new_tokens: int, temper
         fail(f"beta={beta} must be in [0, 1] (the mixture weight of the reference model)")
     return _sample(policy, ref, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, jnp.float32(beta),
                    jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens, top_k=top_k,
-                   top_p=float(top_p), greedy=temperature == 0)
+                   top_p=float(top_p), greedy=temperature == 0, num_samples=num_samples)
 
 
 # ---------------------------------------------------------------------------

@@ -220,11 +220,11 @@ def main(args: Args):
         x, xm = prompt_ids[idx], prompt_mask[idx]
         key, sample_key = jax.random.split(key)
         # Algorithm 2: two independent completions per prompt from pi_theta, drawn in one
-        # sampler call over [x; x]. Sampling is not differentiated (SG[pi] in Eq. 11).
+        # sampler call (rows [y; y']). Sampling is not differentiated (SG[pi] in Eq. 11).
         t0 = time.perf_counter()
-        both = C.shard_batch({"ids": np.concatenate([x, x]), "mask": np.concatenate([xm, xm])}, mesh)
-        ids, mask, _ = C.sample(policy, both["ids"], both["mask"], sample_key, args.max_completion_len,
-                                args.temperature)
+        xs = C.shard_batch({"ids": x, "mask": xm}, mesh)
+        ids, mask, _ = C.sample(policy, xs["ids"], xs["mask"], sample_key, args.max_completion_len,
+                                args.temperature, num_samples=2)
         ids, mask = np.asarray(ids), np.asarray(mask)  # the one inherent sync: the judge reads text
         t1 = time.perf_counter()
         texts = C.decode(tokenizer, ids, mask)

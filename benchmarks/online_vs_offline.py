@@ -134,7 +134,7 @@ def run_shape(name: str, shape: dict, args: Args) -> dict:
     def online():  # online_ipo.py's loop body, timed the same way
         state["key"], k = jax.random.split(state["key"])
         t0 = time.perf_counter()
-        ids, mask, _ = C.sample(online_policy, np.concatenate([x, x]), np.concatenate([xm, xm]), k, t_len)
+        ids, mask, _ = C.sample(online_policy, x, xm, k, t_len, num_samples=2)  # as online_ipo.py
         ids, mask = np.asarray(ids), np.asarray(mask)
         t1 = time.perf_counter()
         texts = C.decode(tok, ids, mask)

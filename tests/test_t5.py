@@ -141,6 +141,21 @@ def test_sampling_stops_at_eos_and_pads_after():
             assert n == first + 1 and np.all(row[first + 1:] == 0)
 
 
+def test_num_samples_equals_sampling_tiled_prompts(pair):
+    """n draws per prompt from one encoding = the draws from the prompts tiled n times (the
+    online scripts' two completions per prompt), mixture included; and the draws differ."""
+    _, model, _, _ = pair
+    ids, mask, _, _ = padded_batch(seed=4)
+    key = jax.random.key(7)
+    for ref in (None, model):
+        kw = dict(ref=ref, beta=0.25) if ref is not None else {}
+        got = C.sample(model, ids, mask, key, 6, num_samples=2, **kw)
+        want = C.sample(model, np.concatenate([ids, ids]), np.concatenate([mask, mask]), key, 6, **kw)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert got[0].shape[0] == 2 * len(ids) and not np.array_equal(got[0][:len(ids)], got[0][len(ids):])
+
+
 def test_mixture_first_step_is_the_analytic_mixture(tmp_path):
     """Calandriello et al. 2024 Sec. 6: softmax((1-beta) log pi + beta log pi_ref)."""
     make_hf_t5(str(tmp_path / "a"), gated=True, tied=False, vocab_size=12, seed=1)
