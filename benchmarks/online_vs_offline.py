@@ -201,8 +201,8 @@ Issue target: online / offline <= 2 at equal batch and lengths.
 
 - Offline: `ipo.py`'s `train_step`, one `nnx.jit` update on a pre-made pair; pi_ref's log-probs
   precomputed with the data, as ipo.py does.
-- Online (online_ipo.py, Algorithm 2): sample 2 completions per prompt (one `common.sample` call over
-  2B rows), ids to the host, decode + toy oracle, then one `nnx.jit` update that also runs pi_ref's
+- Online (online_ipo.py, Algorithm 2): sample 2 completions per prompt (one `common.sample` call with
+  num_samples=2: each prompt encoded once), ids to the host, decode + toy oracle, then one `nnx.jit` update that also runs pi_ref's
   forward. The update's share is the offline step plus that pi_ref forward.
 - toy: online_ipo.py's default shape{' with assets/toy-t5' if results['toy_asset'] else ' (random weights)'};
   t5-small: random weights, so no EOS: all completion tokens are sampled (the worst case).
