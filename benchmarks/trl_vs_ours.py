@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as T5_SHAPES, busy_cores, machine,  # noqa: E402
-                           matmul_peak, t5_forward_flops)
+                           matmul_peak, replace_section, t5_forward_flops)
 
 # "toy" is sft.py's TOY_T5 (vocab 39, gated-gelu, untied) = t5_vs_pytorch's "tiny".
 SHAPES = {"toy": T5_SHAPES["tiny"], "t5-small": T5_SHAPES["t5-small"]}
@@ -461,13 +461,7 @@ measurement (from /proc/stat): {min(loads):.2f} to {max(loads):.2f} (a quiet mac
   6-48 tokens; median of {2 * args.toy_steps} steps per point.
 - Each figure comes from its own process. Raw timings: `benchmarks/results/trl_vs_ours.json`.
 {end}"""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, begin, end, section)
 
 
 def main(args: Args) -> None:
