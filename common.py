@@ -677,13 +677,13 @@ def judge_from_net(net: JudgeNet, tokenizer, max_prompt_len: int, max_completion
                for i in range(0, len(prompts), batch_size)]
         return np.concatenate(out)[:len(prompts)].astype(np.float64) if out else np.zeros(0)
 
+    if net.kind == "reward":
+        return bradley_terry_judge(scores)
     sigmoid = lambda z: 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
 
     def judge(prompts, ys, ys2):
         if not len(prompts) == len(ys) == len(ys2):
             fail(f"judge: got {len(prompts)} prompts, {len(ys)} y and {len(ys2)} y'; they must match")
-        if net.kind == "reward":
-            return check_preferences(sigmoid(scores(prompts, ys) - scores(prompts, ys2)), "judge")
         p = sigmoid(scores(prompts, ys, ys2))
         if symmetrise:
             p = 0.5 * (p + 1.0 - sigmoid(scores(prompts, ys2, ys)))
