@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -1190,6 +1190,8 @@ def make_schedule(lr: float, warmup_steps: int = 0, total_steps: int | None = No
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
 
 
+@cache  # the same settings give the same object: nnx.Optimizer keeps it as static graph data,
+# so a fresh but equal one would recompile the train step (reruns and resumes in one process)
 def make_optimizer(name: str = "adafactor", lr: float = 1e-4, warmup_steps: int = 0,
                    total_steps: int | None = None, decay_rate: float = 0.8,
                    weight_decay: float = 0.0, max_grad_norm: float = 1.0) -> optax.GradientTransformation:

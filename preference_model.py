@@ -23,6 +23,7 @@ model trained on summarize_from_feedback pairs. Toy defaults below: 4000 pairs,
 Adafactor at lr 1e-3 (the zero-initialised head has its own rate, 0.3), batch
 32 pairs, 400 steps.
 """
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ def train_step(net, optimizer, batch):
             "train/symmetry_gap": gap}
 
 
+@functools.cache  # one object per setting, as common.make_optimizer: no recompiles across runs in a process
 def make_tx(name, lr, head_lr, warmup_steps):
     """The optimiser: rate lr for the T5, head_lr for the head (see --head-learning-rate)."""
     label = lambda params: jax.tree.map_with_path(lambda path, _: "t5" if path[0].key == "t5" else "head", params)

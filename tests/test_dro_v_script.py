@@ -5,7 +5,6 @@ which network, and an 8-device mesh that matches one device.
 The script runs in-process (main(Args(...))) where possible: importing JAX in a
 subprocess costs seconds, and in-process runs share compiled functions.
 """
-import functools
 import json
 import os
 import shutil
@@ -30,15 +29,6 @@ TINY = dict(steps=2, batch_size=8, eval_prompts=256, max_completion_len=6, warmu
             eval_every=2, save_every=2)
 METRICS = {"loss/policy", "loss/value", "loss/grad_norm_policy", "loss/grad_norm_value", "value/mean",
            "value/residual", "logps/policy", "logps/ref", "logps/log_ratio", "perf/examples_per_s"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_optimizer_per_setting():
-    """The optax transformation is a static field of nnx.Optimizer: a fresh one per run would
-    recompile train_step in every run of this process; runs with the same settings share one."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "make_optimizer", functools.cache(C.make_optimizer))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ resume, --length-normalize, and an 8-device mesh that matches one device.
 The scripts run in-process (main(Args(...))) where possible: importing JAX in a
 subprocess costs seconds, and in-process runs share compiled functions.
 """
-import functools
 import json
 import math
 import os
@@ -31,16 +30,6 @@ EXTRA = {"gpo": dict(loss="savage")}  # a row of Table 1 that no other script ha
 # At step 1 pi_theta = pi_ref, so h = 0 and every loss is f(0): -log sigmoid(0), (1/(2 tau))^2,
 # max(0, 1), and Savage's 1 / (1 + e^0)^2.
 LOSS_AT_0 = {"dpo": math.log(2), "ipo": (1 / (2 * ipo.Args.tau)) ** 2, "slic": 1.0, "gpo": 0.25}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_optimizer_per_setting():
-    """The optax transformation is a static field of nnx.Optimizer: a fresh one per run would
-    recompile train_step in every run of this process. Runs with the same optimiser settings
-    share one here (resume, reruns); the scripts build one per process anyway."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "make_optimizer", functools.cache(C.make_optimizer))
-        yield
 
 
 @pytest.fixture(scope="module")

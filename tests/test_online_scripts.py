@@ -3,7 +3,6 @@ toy tokenizer: they train, log, checkpoint, resume and save a model PyTorch
 loads; IPO-MD at beta = 0 is online IPO; the mixture at beta = 1 is pi_ref; bad
 inputs and bad judges stop with one clear line. Runs in-process (jit caches are
 shared between runs), except one 8-device run and one exit-status check."""
-import functools
 import json
 import os
 import subprocess
@@ -45,16 +44,6 @@ def toy_t5(tmp_path_factory):
     C.save_t5(C.T5(cfg, rngs=nnx.Rngs(0)), tok, folder)
     C.save_toy_tokenizer(folder)
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_optimizer_per_setting():
-    """The optax transformation is a static field of nnx.Optimizer: a fresh one per run would
-    recompile train_step in every run of this process (10 s each on 2 cores). Runs with the
-    same optimiser settings share one here; the scripts build one per process anyway."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "make_optimizer", functools.cache(C.make_optimizer))
-        yield
 
 
 def run(name, model, out, **kw):

@@ -20,16 +20,6 @@ TINY = dict(steps=40, batch_size=16, num_examples=256, eval_pairs=96, log_every=
             save_every=40)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_optimizer_per_setting():
-    """nnx.Optimizer holds the optax transformation statically: one per setting, so train_step
-    compiles once for all runs of this process."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "make_optimizer", functools.cache(C.make_optimizer))
-        mp.setattr(preference_model, "make_tx", functools.cache(preference_model.make_tx))
-        yield
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{kind: (run folder, final metrics)} of a tiny run of each kind."""

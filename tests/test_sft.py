@@ -3,7 +3,6 @@ output PyTorch loads), resuming after a crash and with more steps, --help, and t
 shipped reference policy assets/toy-t5 (loads; leaves the promised headroom)."""
 import ast
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -25,15 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # so the sampler compiles once for both.
 TINY = dict(steps=5, batch_size=8, num_examples=32, eval_prompts=256, log_every=1, eval_every=2,
             save_every=2, warmup_steps=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_optimizer_per_setting():
-    """The optax transformation is a static field of nnx.Optimizer: a fresh one per run
-    would recompile train_step in every in-process run; runs with equal settings share one."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "make_optimizer", functools.cache(C.make_optimizer))
-        yield
 
 
 @pytest.fixture(scope="module")
