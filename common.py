@@ -265,9 +265,17 @@ class T5(nnx.Module):
         return x
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
-        enc = self.encode(input_ids, attention_mask)
-        h = self.decode(decoder_input_ids, self.cross_kv(enc), attention_mask, decoder_attention_mask)
-        return self.logits(h)
+        """decoder_input_ids may hold n rows per prompt (prompt i's k-th at row i + k * B, as
+        `sample(num_samples=n)` returns them): each prompt is then encoded once, not n times."""
+        n = decoder_input_ids.shape[0] // input_ids.shape[0]
+        if n * input_ids.shape[0] != decoder_input_ids.shape[0]:
+            raise ValueError(f"{decoder_input_ids.shape[0]} decoder rows for {input_ids.shape[0]} prompts: "
+                             "need a whole number of completions per prompt")
+        enc_kv = self.cross_kv(self.encode(input_ids, attention_mask))
+        if n > 1:  # the encoding and cross-attention keys/values, shared by the n completions
+            enc_kv = jax.tree.map(lambda a: jnp.concatenate([a] * n), enc_kv)
+            attention_mask = jnp.concatenate([attention_mask] * n)
+        return self.logits(self.decode(decoder_input_ids, enc_kv, attention_mask, decoder_attention_mask))
 
     # -- incremental decoding with a fixed-size KV cache (used by `sample`) --
     def start_decoding(self, input_ids, attention_mask, max_len):
@@ -466,7 +474,8 @@ def shift_right(ids, start_id):
 
 @nnx.jit
 def token_logps(model: T5, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """log pi(y_t | x, y_<t) for every completion token [B, T]; zero at padding."""
+    """log pi(y_t | x, y_<t) for every completion token [B, T]; zero at padding.
+    Completions may be n per prompt (rows i + k * B for prompt i): each prompt is encoded once."""
     logits = model(prompt_ids, prompt_mask, shift_right(completion_ids, model.spec.start_id))
     logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
     picked = jnp.take_along_axis(logp, completion_ids[..., None], axis=-1)[..., 0]

@@ -202,6 +202,8 @@ def main(args: Args):
     logger = C.Logger(args.output_dir, args, args.track)
     tau, B = jnp.float32(args.tau), args.batch_size
     sums, host, count, t_log = None, {}, 0, time.perf_counter()
+    # models bound once: nnx.jit does not re-walk their graphs each call (~2 ms of Python per step)
+    step_fn = nnx.cached_partial(train_step, policy, ref, optimizer)
     for step in C.progress(range(start, args.steps), "nash_md", initial=start, total=args.steps):
         idx = C.batch_indices(len(prompts), B, step, args.seed)
         x, xm = prompt_ids[idx], prompt_mask[idx]
@@ -221,7 +223,7 @@ def main(args: Args):
         t2 = time.perf_counter()
         batch = C.shard_batch({"prompt_ids": x, "prompt_mask": xm, "y_ids": ids[:B], "y_mask": mask[:B],
                                "p": p}, mesh)
-        metrics = train_step(policy, ref, optimizer, batch, tau)
+        metrics = step_fn(batch, tau)
         # The next sampling call needs the updated policy anyway, so waiting here costs
         # nothing and keeps the time split honest.
         jax.block_until_ready(metrics)

@@ -208,9 +208,11 @@ def main(args: Args):
 
     logger = C.Logger(args.output_dir, args, args.track)
     sums, count, t0 = None, 0, time.perf_counter()
+    # models bound once: nnx.jit does not re-walk their graphs each call (~2 ms of Python per step)
+    step_fn = nnx.cached_partial(train_step, net, optimizer)
     for step in C.progress(range(start, args.steps), "preference_model", initial=start, total=args.steps):
         idx = C.batch_indices(len(data["prompt_ids"]), args.batch_size, step, args.seed)
-        metrics = train_step(net, optimizer, C.shard_batch({k: v[idx] for k, v in data.items()}, mesh))
+        metrics = step_fn(C.shard_batch({k: v[idx] for k, v in data.items()}, mesh))
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
         count, done = count + 1, step + 1
         save = done % args.save_every == 0 or done == args.steps

@@ -190,9 +190,11 @@ def main(args: Args):
 
     logger = C.Logger(args.output_dir, args, args.track)
     sums, count, tokens, t0 = None, 0, 0, time.perf_counter()
+    # models bound once: nnx.jit does not re-walk their graphs each call (~2 ms of Python per step)
+    step_fn = nnx.cached_partial(train_step, model, optimizer)
     for step in C.progress(range(start, args.steps), "sft", initial=start, total=args.steps):
         idx = C.batch_indices(len(records), args.batch_size, step, args.seed)
-        metrics = train_step(model, optimizer, C.shard_batch({k: v[idx] for k, v in train.items()}, mesh))
+        metrics = step_fn(C.shard_batch({k: v[idx] for k, v in train.items()}, mesh))
         # accumulate on device: the host waits only at log steps
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
         count, tokens, done = count + 1, tokens + int(tokens_per_row[idx].sum()), step + 1

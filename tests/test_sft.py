@@ -65,16 +65,16 @@ class Crash(Exception):
 def crashed(straight, tmp_path_factory):
     """In-process: the TINY run again, crashing in step 3 (the checkpoint is at step 2)."""
     out = str(tmp_path_factory.mktemp("crashed"))
-    real_step, calls = sft.train_step, []
+    real_indices, calls = sft.C.batch_indices, []
 
-    def crashing_step(*args):
+    def crashing_indices(*args):  # called once per step, just before the train step
         if len(calls) == 2:
             raise Crash
         calls.append(1)
-        return real_step(*args)
+        return real_indices(*args)
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Crash):
-        mp.setattr(sft, "train_step", crashing_step)
+        mp.setattr(sft.C, "batch_indices", crashing_indices)
         sft.main(sft.Args(output_dir=out, **TINY))
     return out
 

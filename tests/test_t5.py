@@ -68,6 +68,30 @@ def test_logits_match_pytorch(pair):
     assert np.abs(ours_nomask - theirs)[valid].max() <= 1e-4
 
 
+def test_several_completions_per_prompt_match_tiled_prompts(pair):
+    """n decoder rows per prompt (row i + k * B belongs to prompt i) encode each prompt once:
+    the logits are PyTorch's for the tiled prompts, and the gradient is that of the tiled call."""
+    ref, model, _, _ = pair
+    ids, mask, dec, dmask = padded_batch(seed=5)
+    _, _, dec2, dmask2 = padded_batch(seed=6)
+    decs, dmasks = np.concatenate([dec, dec2]), np.concatenate([dmask, dmask2])
+    tiled = np.concatenate([ids, ids]), np.concatenate([mask, mask])
+    ours = np.asarray(forward(model, ids, mask, decs, dmasks))
+    theirs = torch_logits(ref, *tiled, decs, dmasks)
+    assert np.abs(ours - theirs)[dmasks.astype(bool)].max() <= 1e-4
+
+    y = decs[:, 1:]
+    loss = lambda m, x, xm: C.sequence_logps(m, x, xm, y, dmasks[:, 1:]).sum()
+    shared = nnx.grad(loss)(model, ids, mask)
+    full = nnx.grad(loss)(model, *tiled)
+    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), shared, full)
+    assert max(jax.tree.leaves(diff)) <= 1e-4
+    assert float(jnp.abs(shared.encoder[0].wi[...]).max()) > 1e-3  # the encoder does get a gradient
+
+    with pytest.raises(ValueError, match="whole number of completions per prompt"):
+        forward(model, ids, mask, decs[:4], dmasks[:4])
+
+
 def test_untied_model_has_lm_head(pair):
     ref, model, _, _ = pair
     assert (model.lm_head is None) == (ref.lm_head.weight.data_ptr() == ref.shared.weight.data_ptr())
