@@ -240,12 +240,15 @@ class T5(nnx.Module):
         return [(b.cross_attn.project(enc, b.cross_attn.k), b.cross_attn.project(enc, b.cross_attn.v))
                 for b in self.decoder]
 
-    def logits(self, h):
+    def head(self):
+        """The output projection [D, V]: lm_head, or the tied embedding transposed."""
+        return self.shared[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits(self, h, head=None):
         h = rms_norm(h, self.decoder_norm[...], self.spec.eps)
         if self.spec.rescale:  # original T5 rescales before the tied projection
             h = h * self.spec.d_model**-0.5
-        w = self.shared[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=F32)
+        return jnp.einsum("...d,dv->...v", h, self.head() if head is None else head, preferred_element_type=F32)
 
     def decode(self, decoder_input_ids, enc_kv, attention_mask, decoder_attention_mask=None):
         """Teacher-forced decoder: hidden states [B, T, D] (causal self-attention)."""
@@ -278,13 +281,18 @@ class T5(nnx.Module):
         return self.logits(self.decode(decoder_input_ids, enc_kv, attention_mask, decoder_attention_mask))
 
     # -- incremental decoding with a fixed-size KV cache (used by `sample`) --
-    def start_decoding(self, input_ids, attention_mask, max_len):
-        """Encode once; precompute cross K/V; allocate the self-attention cache."""
-        enc = self.encode(input_ids, attention_mask)
-        b, s = input_ids.shape[0], self.spec
-        zeros = jnp.zeros((b, s.num_heads, max_len, s.d_kv), enc.dtype)  # heads-first, as project()
-        return dict(cross=self.cross_kv(enc), cache=[(zeros, zeros) for _ in self.decoder],
-                    cross_bias=jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF))
+    def start_decoding(self, input_ids, attention_mask, max_len, num_samples=1):
+        """Encode once; precompute cross K/V; allocate the self-attention cache. With num_samples = n
+        the rows are those of the prompts tiled n times (row i + k * B decodes prompt i), at the
+        encoder cost of one."""
+        tile = lambda a: jnp.concatenate([a] * num_samples)
+        cross = jax.tree.map(tile, self.cross_kv(self.encode(input_ids, attention_mask)))
+        b, s = input_ids.shape[0] * num_samples, self.spec
+        zeros = jnp.zeros((b, s.num_heads, max_len, s.d_kv), cross[0][0].dtype)  # heads-first, as project()
+        # the output projection laid out as [D, V] once per call: reading the tied [V, D] embedding
+        # transposed at every step made t5-small sampling 3-8% slower on a 2-core CPU
+        return dict(cross=cross, cache=[(zeros, zeros) for _ in self.decoder], head=self.head(),
+                    cross_bias=tile(jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)))
 
     def decode_step(self, token, t, state):
         """Logits [B, V] for position t given the previous token [B]; returns the updated state."""
@@ -299,7 +307,7 @@ class T5(nnx.Module):
             x = blk.cross_attention(x, kv, state["cross_bias"])
             x = blk.feed_forward(x)
             caches.append(cache)
-        return self.logits(x[:, 0]), dict(state, cache=caches)
+        return self.logits(x[:, 0], state["head"]), dict(state, cache=caches)
 
 
 # ---------------------------------------------------------------------------
@@ -521,10 +529,8 @@ def _sample(policy, ref, prompt_ids, prompt_mask, key, beta, temperature, *, max
             num_samples):
     b = prompt_ids.shape[0] * num_samples
     models = [policy] if ref is None else [policy, ref]
-    states = [m.start_decoding(prompt_ids, prompt_mask, max_new_tokens) for m in models]
-    # num_samples draws per prompt share one encoding: the decoding state is tiled, so the rows
-    # are those of prompts tiled num_samples times, at the encoder cost of one.
-    states = [jax.tree.map(lambda a: jnp.concatenate([a] * num_samples), st) for st in states]
+    # num_samples draws per prompt share one encoding (rows: the prompts tiled num_samples times)
+    states = [m.start_decoding(prompt_ids, prompt_mask, max_new_tokens, num_samples) for m in models]
     eos, pad = policy.spec.eos_id, policy.spec.pad_id
 
     def body(carry):
