@@ -666,17 +666,34 @@ class JudgeNet(nnx.Module):
         pooled = (rms_norm(h, t5.decoder_norm[...], t5.spec.eps).astype(F32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return jnp.concatenate([pooled, logp.sum(-1, keepdims=True)], -1)
 
+    def pair_features(self, x, xm, y, ym, y2, y2m):
+        """The features of y and of y': one encoding of x, one decoder pass over [y; y']."""
+        t5 = self.t5
+        kv = jax.tree.map(lambda a: jnp.concatenate([a, a]), t5.cross_kv(t5.encode(x, xm)))
+        u = self.features(kv, jnp.concatenate([xm, xm]), jnp.concatenate([y, y2]), jnp.concatenate([ym, y2m]))
+        return jnp.split(u, 2)
+
+    def pair_logit(self, u, u2):
+        """logit p(y > y'|x) from the features of y and y' (pairwise)."""
+        return self.out(jax.nn.gelu(self.hidden(jnp.concatenate([u, u2], -1))))[:, 0]
+
     def __call__(self, x, xm, y, ym, y2=None, y2m=None):
-        kv = self.t5.cross_kv(self.t5.encode(x, xm))  # the prompt is encoded once for both responses
-        u = self.features(kv, xm, y, ym)
-        if self.kind == "pairwise":
-            u = jax.nn.gelu(self.hidden(jnp.concatenate([u, self.features(kv, xm, y2, y2m)], -1)))
-        return self.out(u)[:, 0]
+        if self.kind == "reward":
+            return self.out(self.features(self.t5.cross_kv(self.t5.encode(x, xm)), xm, y, ym))[:, 0]
+        return self.pair_logit(*self.pair_features(x, xm, y, ym, y2, y2m))
+
+    def both_orders(self, x, xm, y, ym, y2, y2m):
+        """pairwise: the logits of (y, y') and of (y', y); reward: r(x, y) and r(x, y').
+        Each response's features are computed once and serve both orders."""
+        u, u2 = self.pair_features(x, xm, y, ym, y2, y2m)
+        if self.kind == "reward":
+            return self.out(u)[:, 0], self.out(u2)[:, 0]
+        return self.pair_logit(u, u2), self.pair_logit(u2, u)
 
 
 @nnx.jit
 def _judge_scores(net: JudgeNet, *arrays):
-    return net(*arrays)
+    return net(*arrays) if net.kind == "reward" else net.both_orders(*arrays)
 
 
 def judge_from_net(net: JudgeNet, tokenizer, max_prompt_len: int, max_completion_len: int,
@@ -685,12 +702,12 @@ def judge_from_net(net: JudgeNet, tokenizer, max_prompt_len: int, max_completion
     pairwise: sigmoid(logit); with symmetrise the mean of both orders, (p(y > y') + 1 - p(y' > y)) / 2,
     so that p(y > y') + p(y' > y) = 1 exactly, as the papers assume. reward: sigmoid(r(x, y) - r(x, y'))."""
 
-    def scores(prompts, *texts):
+    def scores(prompts, *texts):  # reward: r(x, y) [B]; pairwise: both orders' logits [2, B]
         lens = (max_prompt_len,) + (max_completion_len,) * len(texts)
         arrays = [a for t, n in zip((prompts,) + texts, lens) for a in tokenize(tokenizer, list(t), n)[:2]]
         out = [np.asarray(_judge_scores(net, *[_pad_rows(a[i:i + batch_size], batch_size) for a in arrays]))
                for i in range(0, len(prompts), batch_size)]
-        return np.concatenate(out)[:len(prompts)].astype(np.float64) if out else np.zeros(0)
+        return np.concatenate(out, -1)[..., :len(prompts)].astype(np.float64) if out else np.zeros((2, 0))
 
     if net.kind == "reward":
         return bradley_terry_judge(scores)
@@ -699,9 +716,10 @@ def judge_from_net(net: JudgeNet, tokenizer, max_prompt_len: int, max_completion
     def judge(prompts, ys, ys2):
         if not len(prompts) == len(ys) == len(ys2):
             fail(f"judge: got {len(prompts)} prompts, {len(ys)} y and {len(ys2)} y'; they must match")
-        p = sigmoid(scores(prompts, ys, ys2))
+        logit, logit_reversed = scores(prompts, ys, ys2)
+        p = sigmoid(logit)
         if symmetrise:
-            p = 0.5 * (p + 1.0 - sigmoid(scores(prompts, ys2, ys)))
+            p = 0.5 * (p + 1.0 - sigmoid(logit_reversed))
         return check_preferences(p, "judge")
 
     return judge

@@ -106,14 +106,9 @@ def bradley_terry_loss(r_w, r_l):
 
 
 def scores(net, batch):
-    """pairwise: logits of (y_w, y_l) and (y_l, y_w); reward: r(x, y_w) and r(x, y_l). One pass over 2B rows."""
-    cat = lambda *keys: jnp.concatenate([batch[k] for k in keys])
-    x = cat("prompt_ids", "prompt_ids"), cat("prompt_mask", "prompt_mask")
-    first = cat("chosen_ids", "rejected_ids"), cat("chosen_mask", "rejected_mask")
-    second = cat("rejected_ids", "chosen_ids"), cat("rejected_mask", "chosen_mask")
-    out = net(*x, *first, *second) if net.kind == "pairwise" else net(*x, *first)
-    n = batch["prompt_ids"].shape[0]
-    return out[:n], out[n:]
+    """pairwise: logits of (y_w, y_l) and (y_l, y_w); reward: r(x, y_w) and r(x, y_l). Each prompt is
+    encoded once and each response decoded once (one pass over the 2B responses), for both orders."""
+    return net.both_orders(*(batch[f"{k}_{a}"] for k in ("prompt", "chosen", "rejected") for a in ("ids", "mask")))
 
 
 @nnx.jit

@@ -75,6 +75,24 @@ def test_symmetrised_probabilities_sum_to_one(trained):
     np.testing.assert_allclose(judge(x, a, b), 0.5 * (raw(x, a, b) + 1 - raw(x, b, a)), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["pairwise", "reward"])
+def test_both_orders_from_one_pass_equal_separate_features(kind):
+    """The training loss and the symmetrised judge take both orders from one decoder pass over [y; y']:
+    the same scores as features computed response by response."""
+    t5, tok = C.load_t5(C.TOY_MODEL)
+    net = C.JudgeNet(t5, kind, rngs=nnx.Rngs(0))
+    net.out.kernel.set_value(jax.random.normal(jax.random.key(1), net.out.kernel.shape))  # not the zero init
+    x, a, b = (v[:16] for v in held_out())
+    (xi, xm), (ai, am), (bi, bm) = (C.tokenize(tok, t, n)[:2] for t, n in ((x, 20), (a, 12), (b, 12)))
+    kv = t5.cross_kv(t5.encode(xi, xm))
+    ua, ub = net.features(kv, xm, ai, am), net.features(kv, xm, bi, bm)
+    want = (net.pair_logit(ua, ub), net.pair_logit(ub, ua)) if kind == "pairwise" else (
+        net.out(ua)[:, 0], net.out(ub)[:, 0])
+    got = nnx.jit(lambda n, *arrays: n.both_orders(*arrays))(net, xi, xm, ai, am, bi, bm)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert np.abs(np.asarray(got[0]) - np.asarray(got[1])).max() > 1e-3  # the two orders differ
+
+
 def load_net(path):
     """The JudgeNet of a saved folder, as load_judge builds it (for the raw probabilities)."""
     from safetensors.numpy import load_file
