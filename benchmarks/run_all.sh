@@ -8,3 +8,5 @@ cd "$(dirname "$0")/.."
 python benchmarks/t5_vs_pytorch.py "$@"
 python benchmarks/online_vs_offline.py
 python benchmarks/trl_vs_ours.py
+# On a GPU or TPU (issue 9; not run on CPU): t5-large in bfloat16, MFU against the measured matmul peak
+#   python benchmarks/accelerator.py
