@@ -120,15 +120,15 @@ def run_shape(name: str, shape: dict, args: Args) -> dict:
             "rejected_ids": y[b:], "rejected_mask": ym[b:]}
     pair["ref_chosen"], pair["ref_rejected"] = map(np.asarray, ipo.policy_logps(ref, pair))
     offline_policy = nnx.clone(policy)
-    offline_opt = make_opt(offline_policy)
+    offline_step = nnx.cached_partial(ipo.train_step, offline_policy, make_opt(offline_policy))  # as ipo.py
 
     def offline():
         t0 = time.perf_counter()
-        jax.block_until_ready(ipo.train_step(offline_policy, offline_opt, pair, tau))
+        jax.block_until_ready(offline_step(pair, tau))
         return {"step_s": time.perf_counter() - t0}
 
     online_policy = nnx.clone(policy)
-    online_opt = make_opt(online_policy)
+    online_step = nnx.cached_partial(online_ipo.train_step, online_policy, ref, make_opt(online_policy))
     state = {"key": jax.random.key(0)}
 
     def online():  # online_ipo.py's loop body, timed the same way
@@ -142,7 +142,7 @@ def run_shape(name: str, shape: dict, args: Args) -> dict:
         t2 = time.perf_counter()
         batch = {"prompt_ids": x, "prompt_mask": xm, "y_ids": ids[:b], "y_mask": mask[:b], "y2_ids": ids[b:],
                  "y2_mask": mask[b:], "p": p}
-        jax.block_until_ready(online_ipo.train_step(online_policy, ref, online_opt, batch, tau, "ipo"))
+        jax.block_until_ready(online_step(batch, tau, "ipo"))
         t3 = time.perf_counter()
         return {"step_s": t3 - t0, "sample_s": t1 - t0, "judge_s": t2 - t1, "update_s": t3 - t2,
                 "sampled_tokens": int(ids.shape[1])}
@@ -199,8 +199,9 @@ Issue target: online / offline <= 2 at equal batch and lengths.
 
 {md}
 
-- Offline: `ipo.py`'s `train_step`, one `nnx.jit` update on a pre-made pair; pi_ref's log-probs
-  precomputed with the data, as ipo.py does.
+- Offline: `ipo.py`'s `train_step`, one `nnx.jit` update on a pre-made pair, called through
+  `nnx.cached_partial` as ipo.py's loop does; pi_ref's log-probs precomputed with the data, as ipo.py does.
+  Both updates encode each prompt once for its two completions.
 - Online (online_ipo.py, Algorithm 2): sample 2 completions per prompt (one `common.sample` call with
   num_samples=2: each prompt encoded once), ids to the host, decode + toy oracle, then one `nnx.jit` update that also runs pi_ref's
   forward. The update's share is the offline step plus that pi_ref forward.
