@@ -240,6 +240,12 @@ class T5(nnx.Module):
         return [(b.cross_attn.project(enc, b.cross_attn.k), b.cross_attn.project(enc, b.cross_attn.v))
                 for b in self.decoder]
 
+    def encode_for(self, input_ids, attention_mask, n=1):
+        """(cross-attention K/V, prompt mask) for n decoder rows per prompt, row i + k * B decoding
+        prompt i: each prompt is encoded and projected once, then the results are tiled."""
+        tile = lambda a: jnp.concatenate([a] * n) if n > 1 else a
+        return jax.tree.map(tile, self.cross_kv(self.encode(input_ids, attention_mask))), tile(attention_mask)
+
     def head(self):
         """The output projection [D, V]: lm_head, or the tied embedding transposed."""
         return self.shared[...].T if self.lm_head is None else self.lm_head[...]
@@ -274,10 +280,7 @@ class T5(nnx.Module):
         if n * input_ids.shape[0] != decoder_input_ids.shape[0]:
             raise ValueError(f"{decoder_input_ids.shape[0]} decoder rows for {input_ids.shape[0]} prompts: "
                              "need a whole number of completions per prompt")
-        enc_kv = self.cross_kv(self.encode(input_ids, attention_mask))
-        if n > 1:  # the encoding and cross-attention keys/values, shared by the n completions
-            enc_kv = jax.tree.map(lambda a: jnp.concatenate([a] * n), enc_kv)
-            attention_mask = jnp.concatenate([attention_mask] * n)
+        enc_kv, attention_mask = self.encode_for(input_ids, attention_mask, n)
         return self.logits(self.decode(decoder_input_ids, enc_kv, attention_mask, decoder_attention_mask))
 
     # -- incremental decoding with a fixed-size KV cache (used by `sample`) --
@@ -285,14 +288,13 @@ class T5(nnx.Module):
         """Encode once; precompute cross K/V; allocate the self-attention cache. With num_samples = n
         the rows are those of the prompts tiled n times (row i + k * B decodes prompt i), at the
         encoder cost of one."""
-        tile = lambda a: jnp.concatenate([a] * num_samples)
-        cross = jax.tree.map(tile, self.cross_kv(self.encode(input_ids, attention_mask)))
-        b, s = input_ids.shape[0] * num_samples, self.spec
+        cross, attention_mask = self.encode_for(input_ids, attention_mask, num_samples)
+        b, s = attention_mask.shape[0], self.spec
         zeros = jnp.zeros((b, s.num_heads, max_len, s.d_kv), cross[0][0].dtype)  # heads-first, as project()
         # the output projection laid out as [D, V] once per call: reading the tied [V, D] embedding
         # transposed at every step made t5-small sampling 3-8% slower on a 2-core CPU
         return dict(cross=cross, cache=[(zeros, zeros) for _ in self.decoder], head=self.head(),
-                    cross_bias=tile(jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF)))
+                    cross_bias=jnp.where(attention_mask[:, None, None, :] > 0, 0.0, NEG_INF))
 
     def decode_step(self, token, t, state):
         """Logits [B, V] for position t given the previous token [B]; returns the updated state."""
@@ -668,9 +670,8 @@ class JudgeNet(nnx.Module):
 
     def pair_features(self, x, xm, y, ym, y2, y2m):
         """The features of y and of y': one encoding of x, one decoder pass over [y; y']."""
-        t5 = self.t5
-        kv = jax.tree.map(lambda a: jnp.concatenate([a, a]), t5.cross_kv(t5.encode(x, xm)))
-        u = self.features(kv, jnp.concatenate([xm, xm]), jnp.concatenate([y, y2]), jnp.concatenate([ym, y2m]))
+        kv, xm = self.t5.encode_for(x, xm, 2)
+        u = self.features(kv, xm, jnp.concatenate([y, y2]), jnp.concatenate([ym, y2m]))
         return jnp.split(u, 2)
 
     def pair_logit(self, u, u2):
@@ -679,7 +680,7 @@ class JudgeNet(nnx.Module):
 
     def __call__(self, x, xm, y, ym, y2=None, y2m=None):
         if self.kind == "reward":
-            return self.out(self.features(self.t5.cross_kv(self.t5.encode(x, xm)), xm, y, ym))[:, 0]
+            return self.out(self.features(*self.t5.encode_for(x, xm), y, ym))[:, 0]
         return self.pair_logit(*self.pair_features(x, xm, y, ym, y2, y2m))
 
     def both_orders(self, x, xm, y, ym, y2, y2m):
