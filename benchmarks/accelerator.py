@@ -38,7 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import ipo  # noqa: E402
-from t5_vs_pytorch import COMMON_CONFIG, SHAPES as CPU_SHAPES, replace_section, t5_forward_flops  # noqa: E402
+from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as CPU_SHAPES, matmul_peak, replace_section,  # noqa: E402
+                           t5_forward_flops)
 
 SHAPES = {
     "t5-large": dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
@@ -91,17 +92,6 @@ def median_time(fn, warmup: int, steps: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def matmul_peak(dtype, sizes) -> float:
-    """Best matmul rate (FLOP/s) over square sizes: the denominator of MFU, measured, not a spec sheet."""
-    best, f = 0.0, jax.jit(jnp.dot)
-    for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-        reps = min(100, max(3, int(2e12 // (2 * n**3))))  # up to ~2 TFLOP per timing
-        t = median_time(lambda: [f(a, a) for _ in range(reps)][-1], 2, 3)
-        best = max(best, reps * 2 * n**3 / t)
-    return best
 
 
 def random_ids(rng, vocab, rows, length, eos=True):
@@ -205,7 +195,10 @@ def main(args: Args) -> dict:
     r = dict(device=device_info(), args=asdict(args))
     print(f"{r['device']['device_kind']} ({r['device']['platform']}); {args.shape} in {args.dtype}", file=sys.stderr)
     if "peak" in parts:
-        r["peak_flops_per_s"] = matmul_peak(jnp.dtype(args.dtype), [int(n) for n in args.peak_sizes.split(",")])
+        # the denominator of MFU: measured on this chip, not a spec sheet; ~2 TFLOP per timing
+        make = lambda n: jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(args.dtype)
+        r["peak_flops_per_s"] = matmul_peak(make, jax.jit(jnp.dot), jax.block_until_ready,
+                                            [int(n) for n in args.peak_sizes.split(",")], work=2e12)["flops_per_s"]
     if "train" in parts:
         r["train"] = train(args, spec)
     for part in ("sample", "mixture"):

@@ -28,11 +28,8 @@ benchmark's section of docs/benchmarks.md (between its markers; the rest is kept
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -48,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import ipo  # noqa: E402
-from t5_vs_pytorch import busy_cores, replace_section  # noqa: E402
+from t5_vs_pytorch import busy_cores, machine, replace_section  # noqa: E402
 import online_ipo  # noqa: E402
 
 TOY_CONFIG = dict(vocab_size=len(C.TOY_SPECIAL) + len(C.TOY_TOPIC_WORDS) + len(C.TOY_FILLER_WORDS), d_model=64,
@@ -214,16 +211,12 @@ Issue target: online / offline <= 2 at equal batch and lengths.
 
 
 def main(args: Args) -> None:
-    import flax
     names = [s for s in args.shapes.split(",") if s]
     for name in names:
         if name not in SHAPES:
             sys.exit(f"error: unknown shape {name!r} in --shapes; choose from {', '.join(SHAPES)}")
-    cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
-    results = dict(machine=dict(cpu=cpu.group(1) if cpu else platform.processor(), cores=os.cpu_count(),
-                                python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
-                                date=datetime.datetime.now().isoformat(timespec="seconds")),
-                   args=asdict(args), toy_asset=os.path.exists(os.path.join(C.TOY_MODEL, "config.json")),
+    results = dict(machine=machine(("jax", "flax")), args=asdict(args),
+                   toy_asset=os.path.exists(os.path.join(C.TOY_MODEL, "config.json")),
                    shapes={name: run_shape(name, SHAPES[name], args) for name in names})
     md = table(results)
     print(md)

@@ -279,13 +279,13 @@ def torch_worker(part: str, shape: dict, args: Args, prompts_twice: bool = False
     return timed(step, args, lambda x: x.item())
 
 
-def matmul_peak(make, matmul, sync) -> dict:
-    """Best float32 matmul rate over a few square sizes (FLOP/s)."""
+def matmul_peak(make, matmul, sync, sizes=(1024, 2048, 4096), work=2e10) -> dict:
+    """Best matmul rate over a few square sizes (FLOP/s), each timing ~`work` FLOPs (at most 100 calls)."""
     best = 0.0
-    for n in (1024, 2048, 4096):
+    for n in sizes:
         a, b = make(n), make(n)
         sync(matmul(a, b))
-        reps = max(2, int(2e10 // (2 * n**3)))
+        reps = min(100, max(2, int(work // (2 * n**3))))
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(reps):
@@ -323,9 +323,15 @@ def busy_cores(seconds: float = 1.0) -> float:
 
 
 def measure(worker: str, args: Args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--steps", str(args.steps),
-           "--min-time", str(args.min_time), "--warmup", str(args.warmup), "--optimizer", args.optimizer,
-           "--sample-batch", str(args.sample_batch), "--new-tokens", str(args.new_tokens)]
+    return measure_in_subprocess(__file__, worker, [
+        "--steps", str(args.steps), "--min-time", str(args.min_time), "--warmup", str(args.warmup),
+        "--optimizer", args.optimizer, "--sample-batch", str(args.sample_batch), "--new-tokens", str(args.new_tokens)])
+
+
+def measure_in_subprocess(script: str, worker: str, flags: list[str]) -> dict:
+    """Run `script --worker WORKER FLAGS` in a fresh process and read its RESULT line; add the medians
+    and how busy other processes kept the cores just before."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", worker, *flags]
     load = busy_cores()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -374,15 +380,12 @@ def measure_repeated(workers: list[str], repeats: int, run) -> dict:
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
-def machine() -> dict:
-    import flax
-    import jax
-    import torch
-    import transformers
+def machine(packages=("jax", "flax", "torch", "transformers")) -> dict:
+    """CPU, cores, Python and the packages' versions, and the date: the header of every report."""
+    import importlib
     cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
     return dict(cpu=cpu.group(1) if cpu else platform.processor(), cores=os.cpu_count(),
-                python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
-                torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(), **{p: importlib.import_module(p).__version__ for p in packages},
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
 
 

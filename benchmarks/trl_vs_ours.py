@@ -40,8 +40,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,8 +51,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as T5_SHAPES, busy_cores, machine, measure_repeated,  # noqa: E402
-                           matmul_peak, replace_section, t5_forward_flops)
+from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as T5_SHAPES, machine, measure_in_subprocess,  # noqa: E402
+                           measure_repeated, matmul_peak, replace_section, t5_forward_flops)
 
 # "toy" is sft.py's TOY_T5 (vocab 39, gated-gelu, untied) = t5_vs_pytorch's "tiny".
 SHAPES = {"toy": T5_SHAPES["tiny"], "t5-small": T5_SHAPES["t5-small"]}
@@ -334,35 +332,15 @@ def run_worker(args: Args) -> None:
 
 
 def measure(worker: str, args: Args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--steps", str(args.steps),
-           "--toy-steps", str(args.toy_steps), "--warmup", str(args.warmup), "--sample-batch",
-           str(args.sample_batch), "--new-tokens", str(args.new_tokens), "--beta", str(args.beta),
-           "--sample-calls", str(args.sample_calls)]
-    load = busy_cores()
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.exit(f"error: worker {worker} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = json.loads(lines[-1][len("RESULT "):])
-    out.update(load_before=load, wall_s=time.perf_counter() - t0)
-    if "times" in out:
-        out["median_s"] = statistics.median(out["times"])
-        out["median_cpu_s"] = statistics.median(out["cpu_times"])
-    figure = (f"{out['median_s']:.4g} s, {out['median_cpu_s']:.4g} CPU-s" if "times" in out
-              else f"{out['flops_per_s'] / 1e9:.0f} GFLOP/s")
-    print(f"  {worker}: {figure} (other processes busy {load:.2f} cores, {out['wall_s']:.0f} s)", file=sys.stderr)
-    return out
+    return measure_in_subprocess(__file__, worker, [
+        "--steps", str(args.steps), "--toy-steps", str(args.toy_steps), "--warmup", str(args.warmup),
+        "--sample-batch", str(args.sample_batch), "--new-tokens", str(args.new_tokens), "--beta", str(args.beta),
+        "--sample-calls", str(args.sample_calls)])
 
 
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
-def versions() -> dict:
-    m = machine()
-    import trl
-    m["trl"] = trl.__version__
-    return m
 
 
 def loglog_slope(xs, ys) -> float:
@@ -495,7 +473,7 @@ def main(args: Args) -> None:
             sys.exit(f"error: unknown loss {loss!r} in --losses; choose from {', '.join(LOSSES)}")
     parts = args.parts.split(",")
     t_start = time.perf_counter()
-    results = dict(machine=versions(), args=asdict(args), shapes={})
+    results = dict(machine=machine(("jax", "flax", "torch", "transformers", "trl")), args=asdict(args), shapes={})
     if "peak" in parts:
         results["peak"] = {side: measure(f"{side}:peak", args) for side in ("ours", "trl")}
         results["peak_flops_per_s"] = max(p["flops_per_s"] for p in results["peak"].values())
