@@ -20,7 +20,6 @@ benchmarks/results/accelerator.json and this benchmark's section of docs/benchma
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import ipo  # noqa: E402
 from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as CPU_SHAPES, matmul_peak, replace_section,  # noqa: E402
-                           t5_forward_flops)
+                           save_results, t5_forward_flops)
 
 SHAPES = {
     "t5-large": dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
@@ -207,12 +206,7 @@ def main(args: Args) -> dict:
     r["peak_memory_gb"] = peak_memory_gb()
     md = table(r, args)
     print(md)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(r, f, indent=1)
-    if args.docs:
-        write_docs(args.docs, r, md, args)
+    save_results(r, md, args, write_docs)
     return r
 
 

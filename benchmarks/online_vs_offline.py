@@ -28,7 +28,6 @@ benchmark's section of docs/benchmarks.md (between its markers; the rest is kept
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -45,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import ipo  # noqa: E402
-from t5_vs_pytorch import busy_cores, machine, replace_section  # noqa: E402
+from t5_vs_pytorch import busy_cores, machine, replace_section, save_results  # noqa: E402
 import online_ipo  # noqa: E402
 
 TOY_CONFIG = dict(vocab_size=len(C.TOY_SPECIAL) + len(C.TOY_TOPIC_WORDS) + len(C.TOY_FILLER_WORDS), d_model=64,
@@ -220,12 +219,7 @@ def main(args: Args) -> None:
                    shapes={name: run_shape(name, SHAPES[name], args) for name in names})
     md = table(results)
     print(md)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.docs:
-        write_docs(args.docs, results, md, args)
+    save_results(results, md, args, write_docs)
 
 
 if __name__ == "__main__":

@@ -432,6 +432,7 @@ def write_docs(path: str, results: dict, md: str, args: Args) -> None:
     begin, end = "<!-- t5_vs_pytorch:begin -->", "<!-- t5_vs_pytorch:end -->"
     m = results["machine"]
     loads = [w["load_before"] for r in results["shapes"].values() for part in r.values() for w in part.values()]
+    loads = loads + [p["load_before"] for p in results.get("peak", {}).values()] or [0.0]
     warning = ("\n\n**Taken on a shared, loaded machine: provisional. PyTorch's OpenMP threads degrade badly when "
                "cores are oversubscribed, so the ratios overstate our lead; rerun on a quiet machine.**"
                if max(loads) > 0.25 else "")
@@ -463,6 +464,16 @@ measurement (from /proc/stat): {min(loads):.2f} to {max(loads):.2f} (a quiet mac
   Raw timings: `benchmarks/results/t5_vs_pytorch.json`.
 {end}"""
     replace_section(path, begin, end, section)
+
+
+def save_results(results: dict, md: str, args, write_docs) -> None:
+    """Raw results to args.output (JSON) and the markdown into args.docs; '' skips either."""
+    if args.output:
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.docs:
+        write_docs(args.docs, results, md, args)
 
 
 def replace_section(path: str, begin: str, end: str, section: str) -> None:
@@ -501,12 +512,7 @@ def main(args: Args) -> None:
     results["flops_per_step"] = {n: dpo_step_flops(SHAPES[n]) for n in names}
     md = table(results, args)
     print(md)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.docs:
-        write_docs(args.docs, results, md, args)
+    save_results(results, md, args, write_docs)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as T5_SHAPES, machine, measure_in_subprocess,  # noqa: E402
-                           measure_repeated, matmul_peak, replace_section, t5_forward_flops)
+                           measure_repeated, matmul_peak, replace_section, save_results,
+                           t5_forward_flops)
 
 # "toy" is sft.py's TOY_T5 (vocab 39, gated-gelu, untied) = t5_vs_pytorch's "tiny".
 SHAPES = {"toy": T5_SHAPES["tiny"], "t5-small": T5_SHAPES["t5-small"]}
@@ -506,12 +507,7 @@ def main(args: Args) -> None:
     md = table(results, args)
     print(md)
     print(f"total {results['total_s']:.0f} s", file=sys.stderr)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.docs:
-        write_docs(args.docs, results, md, args)
+    save_results(results, md, args, write_docs)
 
 
 if __name__ == "__main__":
