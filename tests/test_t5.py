@@ -208,15 +208,21 @@ def test_mixture_first_step_is_the_analytic_mixture(tmp_path):
         np.testing.assert_allclose(np.asarray(l0[:, 0]), np.asarray(target)[np.asarray(y0[:, 0])], atol=1e-5)
 
 
-def test_categorical_draws_follow_the_softmax_and_skip_zero_probabilities():
-    """The sampler's inverse-CDF draw (one uniform per row) against exact probabilities."""
-    logits = np.array([2.0, C.NEG_INF, 0.5, -1.0, C.NEG_INF, 1.0, 0.0, C.NEG_INF], np.float32)
+@pytest.mark.parametrize("block", [128, 4, 3])
+def test_categorical_draws_follow_the_softmax_and_skip_zero_probabilities(block):
+    """The sampler's two-level inverse-CDF draw (one uniform per row) against exact probabilities:
+    one padded block (128), and blocks of 4 and 3 where a whole block and the entries at block
+    edges and at the vocabulary's end have probability 0; the returned log-prob is log_softmax's."""
+    neg = C.NEG_INF
+    logits = np.array([2.0, neg, 0.5, neg, neg, neg, neg, neg, 1.0, 0.0, -1.0, neg], np.float32)
     n = 40000
-    logp = jax.nn.log_softmax(jnp.tile(jnp.asarray(logits), (n, 1)), axis=-1)
-    draws = np.asarray(C._categorical(jax.random.key(3), logp))
-    freq = np.bincount(draws, minlength=8) / n
-    p = np.exp(np.asarray(logp[0]))
-    assert freq[[1, 4, 7]].sum() == 0  # probability 0: never, also at the vocabulary's last entry
+    tokens, logps = C._categorical(jax.random.key(3), jnp.tile(jnp.asarray(logits), (n, 1)), block)
+    tokens, logps = np.asarray(tokens), np.asarray(logps)
+    want = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+    np.testing.assert_allclose(logps, want[tokens], atol=1e-6)
+    freq = np.bincount(tokens, minlength=len(logits)) / n
+    p = np.exp(want)
+    assert len(freq) == len(logits) and freq[logits == neg].sum() == 0  # probability 0: never
     assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-4)
 
 
