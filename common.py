@@ -722,7 +722,9 @@ def judge_from_net(net: JudgeNet, tokenizer, max_prompt_len: int, max_completion
         arrays = [a for t, n in zip((prompts,) + texts, lens) for a in tokenize(tokenizer, list(t), n)[:2]]
         out = [np.asarray(_judge_scores(net, *[_pad_rows(a[i:i + batch_size], batch_size) for a in arrays]))
                for i in range(0, len(prompts), batch_size)]
-        return np.concatenate(out, -1)[..., :len(prompts)].astype(np.float64) if out else np.zeros((2, 0))
+        if not out:  # no prompts: no scores, in the shape a batch would have
+            return np.zeros((0,) if net.kind == "reward" else (2, 0))
+        return np.concatenate(out, -1)[..., :len(prompts)].astype(np.float64)
 
     if net.kind == "reward":
         return bradley_terry_judge(scores)

@@ -93,6 +93,13 @@ def test_both_orders_from_one_pass_equal_separate_features(kind):
     assert np.abs(np.asarray(got[0]) - np.asarray(got[1])).max() > 1e-3  # the two orders differ
 
 
+@pytest.mark.parametrize("kind", ["pairwise", "reward"])
+def test_judge_of_no_pairs_returns_no_preferences(kind):
+    t5, tok = C.load_t5(C.TOY_MODEL)
+    judge = C.judge_from_net(C.JudgeNet(t5, kind, rngs=nnx.Rngs(0)), tok, 20, 12)
+    assert judge([], [], []).shape == (0,)
+
+
 def load_net(path):
     """The JudgeNet of a saved folder, as load_judge builds it (for the raw probabilities)."""
     from safetensors.numpy import load_file
