@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from t5_vs_pytorch import (COMMON_CONFIG, SHAPES as T5_SHAPES, machine, measure_in_subprocess,  # noqa: E402
-                           measure_repeated, matmul_peak, replace_section, save_results,
+                           measure_repeated, matmul_peak, replace_section, sample_prompts, save_results,
                            t5_forward_flops)
 
 # "toy" is sft.py's TOY_T5 (vocab 39, gated-gelu, untied) = t5_vs_pytorch's "tiny".
@@ -209,11 +209,6 @@ def trl_train(loss: str, shape: dict, steps: int, args: Args, bf16: bool = False
     times = [ends[i][0] - ends[i - 1][0] for i in range(args.warmup, n_steps)]
     cpu = [ends[i][1] - ends[i - 1][1] for i in range(args.warmup, n_steps)]
     return dict(times=times, cpu_times=cpu, batch_shapes=shapes_seen)
-
-
-def sample_prompts(shape: dict, args: Args) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    return rng.integers(3, shape["config"]["vocab_size"], (args.sample_batch, shape["prompt_len"])).astype(np.int32)
 
 
 def ours_mixture(shape: dict, args: Args) -> dict:
